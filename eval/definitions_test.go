@@ -1,0 +1,271 @@
+package eval
+
+import (
+	"encoding/json"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func mustParse(t testing.TB, doc string) *Definitions {
+	t.Helper()
+	d, err := Parse([]byte(doc))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	return d
+}
+
+func TestParseRejectsOnlyWhatItCannotRead(t *testing.T) {
+	for _, doc := range []string{``, `[]`, `"flags"`, `{"flags": {}}`, `{"flags": [`, `null`} {
+		if _, err := Parse([]byte(doc)); err == nil {
+			t.Errorf("Parse(%q) succeeded", doc)
+		}
+	}
+	d := mustParse(t, `{"flags": null, "unknown": {"x": 1}}`)
+	if d.Len() != 0 || len(d.Problems()) != 0 {
+		t.Errorf("empty document: %d flags, problems %v", d.Len(), d.Problems())
+	}
+}
+
+func TestMalformedFlagsAreReportedByPathAndTheRestServes(t *testing.T) {
+	d := mustParse(t, `{"flags": [
+		{"key": "good", "active": true, "filters": {"groups": [{"rollout_percentage": 100}]}},
+		{"key": "bad-rollout", "active": true, "filters": {"groups": [{"rollout_percentage": "fifty"}]}},
+		{"key": "bad-props", "active": true, "filters": {"groups": [{"properties": [{"key": "a", "operator": 7}]}]}},
+		{"key": "bad-variants", "active": true, "filters": {"multivariate": {"variants": [{"key": "a", "rollout_percentage": "x"}]}, "groups": []}},
+		42,
+		{"active": true},
+		{"key": "good", "active": false},
+		{"key": "deleted", "deleted": true, "active": true, "filters": {"groups": [{}]}}
+	], "group_type_mapping": {"0": 5}}`)
+
+	wantPaths := map[string]string{
+		"$.flags[1].filters.groups[0].rollout_percentage":                "bad-rollout",
+		"$.flags[2].filters.groups[0].properties[0].operator":            "bad-props",
+		"$.flags[3].filters.multivariate.variants[0].rollout_percentage": "bad-variants",
+		"$.flags[4]":             "",
+		"$.flags[5].key":         "",
+		"$.flags[6].key":         "good",
+		"$.group_type_mapping.0": "",
+	}
+	got := map[string]string{}
+	for _, p := range d.Problems() {
+		got[p.Path] = p.Flag
+	}
+	for path, flag := range wantPaths {
+		if f, ok := got[path]; !ok || f != flag {
+			t.Errorf("no problem reported at %s for flag %q; problems: %v", path, flag, d.Problems())
+		}
+	}
+	if len(d.Problems()) != len(wantPaths) {
+		t.Errorf("problems: %v", d.Problems())
+	}
+	s := &Subject{DistinctID: "u"}
+	if r := d.Evaluate("good", s); !r.Enabled {
+		t.Errorf("good flag: %s", r.Reason)
+	}
+	for _, key := range []string{"bad-rollout", "bad-props", "bad-variants"} {
+		if r := d.Evaluate(key, s); r.Reason != ReasonInvalidDefinition || r.Enabled {
+			t.Errorf("%s: got %s %s, want invalid_definition", key, r.Value(), r.Reason)
+		}
+		f, _ := d.Flag(key)
+		if f.Broken() == "" {
+			t.Errorf("%s: Broken() is empty", key)
+		}
+	}
+	if r := d.Evaluate("deleted", s); r.Reason != ReasonUnknownFlag {
+		t.Errorf("a deleted flag must be absent, got %s", r.Reason)
+	}
+}
+
+func TestWarningsNameWhatCannotBeEvaluatedLocally(t *testing.T) {
+	d := mustParse(t, `{"flags": [
+		{"key": "continuity", "active": true, "ensure_experience_continuity": true, "filters": {"groups": [{}]}},
+		{"key": "static", "active": true, "filters": {"groups": [{"properties": [{"key": "id", "type": "cohort", "value": 7}]}]}},
+		{"key": "notset", "active": true, "filters": {"groups": [{"properties": [{"key": "a", "operator": "is_not_set"}]}]}},
+		{"key": "unknown-op", "active": true, "filters": {"groups": [{"properties": [{"key": "a", "operator": "between", "value": [1, 2]}]}]}},
+		{"key": "lookaround", "active": true, "filters": {"groups": [{"properties": [{"key": "a", "operator": "regex", "value": "(?!x)"}]}]}}
+	]}`)
+	text := ""
+	for _, w := range d.Warnings() {
+		text += w.String() + "\n"
+	}
+	for _, want := range []string{
+		`"continuity"`, "experience continuity",
+		`"static"`, "static cohort",
+		`"notset"`, "is_not_set",
+		`"unknown-op"`, `"between"`,
+		`"lookaround"`, "RE2",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("warnings lack %q:\n%s", want, text)
+		}
+	}
+	if len(d.Problems()) != 0 {
+		t.Errorf("well-formed flags reported as problems: %v", d.Problems())
+	}
+}
+
+func TestCyclesNeverHang(t *testing.T) {
+	d := mustParse(t, `{"flags": [
+		{"key": "a", "active": true, "filters": {"groups": [{"properties": [{"key": "b", "type": "flag", "operator": "flag_evaluates_to", "value": true, "dependency_chain": ["b"]}]}]}},
+		{"key": "b", "active": true, "filters": {"groups": [{"properties": [{"key": "a", "type": "flag", "operator": "flag_evaluates_to", "value": true, "dependency_chain": ["a"]}]}]}},
+		{"key": "c", "active": true, "filters": {"groups": [{"properties": [{"key": "id", "type": "cohort", "value": 1}]}]}},
+		{"key": "d", "active": true, "filters": {"groups": [{"properties": [{"key": "id", "type": "cohort", "value": 3}]}]}}
+	], "cohorts": {
+		"1": {"type": "AND", "values": [{"key": "id", "type": "cohort", "value": 2}]},
+		"2": {"type": "OR", "values": [{"key": "id", "type": "cohort", "value": 1}]},
+		"3": {"type": "OR", "values": [{"type": "AND", "values": [{"key": "id", "type": "cohort", "value": 3}]}]}
+	}}`)
+	s := &Subject{DistinctID: "u"}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for key, want := range map[string]Reason{"a": ReasonDependencyCycle, "b": ReasonDependencyCycle, "c": ReasonMalformedCohort, "d": ReasonMalformedCohort} {
+			if r := d.Evaluate(key, s); r.Reason != want {
+				t.Errorf("%s: got %s, want %s", key, r.Reason, want)
+			}
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("evaluation of cyclic definitions did not finish")
+	}
+}
+
+func TestGroupFlagsAndMixedTargeting(t *testing.T) {
+	d := mustParse(t, `{"flags": [
+		{"key": "g", "active": true, "filters": {"aggregation_group_type_index": 0, "groups": [{"properties": [{"key": "$group_key", "value": "acme"}], "rollout_percentage": 100}]}},
+		{"key": "orphan", "active": true, "filters": {"aggregation_group_type_index": 9, "groups": [{}]}},
+		{"key": "mixed", "active": true, "filters": {"groups": [
+			{"aggregation_group_type_index": 0, "properties": [{"key": "tier", "value": "gold", "type": "group", "group_type_index": 0}]},
+			{"properties": [{"key": "plan", "value": "pro"}]}
+		]}}
+	], "group_type_mapping": {"0": "company"}}`)
+	acme := Group{Type: "company", Key: "acme", Properties: Properties{{Key: "tier", Value: String("gold")}}}
+	if r := d.Evaluate("g", &Subject{DistinctID: "u", Groups: []Group{acme}}); !r.Enabled {
+		t.Errorf("$group_key fallback: %s", r.Reason)
+	}
+	if r := d.Evaluate("g", &Subject{DistinctID: "u"}); r.Enabled || r.Reason != ReasonNoGroup {
+		t.Errorf("no group passed: got %s %s, want false no_group", r.Value(), r.Reason)
+	}
+	if r := d.Evaluate("orphan", &Subject{DistinctID: "u", Groups: []Group{acme}}); r.Reason != ReasonMissingGroupType {
+		t.Errorf("unknown group type index: %s", r.Reason)
+	}
+	if r := d.Evaluate("mixed", &Subject{DistinctID: "u", Groups: []Group{acme}}); !r.Enabled || r.Condition != 0 {
+		t.Errorf("mixed, group condition: %s condition %d", r.Reason, r.Condition)
+	}
+	// Without the group the group condition is skipped, not inconclusive.
+	if r := d.Evaluate("mixed", &Subject{DistinctID: "u", Person: Properties{{Key: "plan", Value: String("pro")}}}); !r.Enabled || r.Condition != 1 {
+		t.Errorf("mixed, person condition: %s condition %d", r.Reason, r.Condition)
+	}
+}
+
+func TestPayloadsAreExposedRawAndAsJSON(t *testing.T) {
+	d := mustParse(t, `{"flags": [{"key": "p", "active": true, "filters": {
+		"groups": [{"rollout_percentage": 100}],
+		"multivariate": {"variants": [{"key": "a", "rollout_percentage": 100}]},
+		"payloads": {"a": "{\"color\": \"blue\"}", "true": "plain text"}}}]}`)
+	r := d.Evaluate("p", &Subject{DistinctID: "u"})
+	if r.Variant != "a" || r.Payload == nil {
+		t.Fatalf("got %s payload %v", r.Value(), r.Payload)
+	}
+	if string(r.Payload.Raw) != `"{\"color\": \"blue\"}"` {
+		t.Errorf("raw payload %s", r.Payload.Raw)
+	}
+	var decoded map[string]string
+	if err := json.Unmarshal(r.Payload.JSON, &decoded); err != nil || decoded["color"] != "blue" {
+		t.Errorf("JSON payload %s: %v", r.Payload.JSON, err)
+	}
+	out, err := json.Marshal(r)
+	if err != nil || !strings.Contains(string(out), `"payload":{"color":"blue"}`) || !strings.Contains(string(out), `"value":"a"`) {
+		t.Errorf("Result JSON: %s %v", out, err)
+	}
+}
+
+func TestInactiveAndUnknownFlags(t *testing.T) {
+	d := mustParse(t, `{"flags": [{"key": "off", "active": false, "filters": {"groups": [{}], "payloads": {"false": "1"}}}]}`)
+	r := d.Evaluate("off", &Subject{DistinctID: "u"})
+	if r.Enabled || r.Reason != ReasonDisabled || r.Payload == nil {
+		t.Errorf("inactive: %s %s payload %v", r.Value(), r.Reason, r.Payload)
+	}
+	r = d.Evaluate("missing", &Subject{DistinctID: "u"})
+	if r.Enabled || !r.Inconclusive() || r.Reason != ReasonUnknownFlag || r.Key != "missing" {
+		t.Errorf("unknown: %+v", r)
+	}
+}
+
+func TestStoreSwapsAtomically(t *testing.T) {
+	a := mustParse(t, `{"flags": [{"key": "x", "active": true, "filters": {"groups": [{}]}}, {"key": "y", "active": true, "filters": {"groups": [{}]}}]}`)
+	b := mustParse(t, `{"flags": [{"key": "x", "active": false}, {"key": "y", "active": false}]}`)
+	st := NewStore()
+	if st.Load().Len() != 0 {
+		t.Fatal("a new store must hold no flags")
+	}
+	st.Swap(a)
+	g1 := st.Load().Generation()
+	var wg sync.WaitGroup
+	var swaps atomic.Int64
+	stop := make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if i%2 == 0 {
+				st.Swap(b)
+			} else {
+				st.Swap(a)
+			}
+			swaps.Add(1)
+		}
+	}()
+	s := &Subject{DistinctID: "u"}
+	// Read until many swaps have happened under the reader.
+	for reads := 0; swaps.Load() < 2000 || reads < 20000; reads++ {
+		d := st.Load()
+		x, y := d.Evaluate("x", s), d.Evaluate("y", s)
+		if x.Enabled != y.Enabled {
+			t.Fatalf("read half of a swap: x=%v y=%v", x.Enabled, y.Enabled)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	if got := st.Load().Generation(); got < g1+2000 {
+		t.Errorf("generation %d after 2000 swaps from %d", got, g1)
+	}
+	if a.Generation() != 0 {
+		t.Error("Swap modified the definitions it was given")
+	}
+}
+
+func TestNeverLocal(t *testing.T) {
+	d := mustParse(t, `{"flags": [
+		{"key": "fine", "active": true, "filters": {"groups": [{"properties": [{"key": "a", "value": "x"}]}, {"properties": [{"key": "id", "type": "cohort", "value": 9}]}]}},
+		{"key": "continuity", "active": true, "ensure_experience_continuity": true, "filters": {"groups": [{}]}},
+		{"key": "static-first", "active": true, "filters": {"groups": [{"properties": [{"key": "id", "type": "cohort", "value": 9}]}, {}]}},
+		{"key": "all-unknown", "active": true, "filters": {"groups": [{"properties": [{"key": "a", "operator": "between", "value": [1, 2]}]}, {"properties": [{"key": "b", "operator": "is_not_set"}]}]}},
+		{"key": "partly-unknown", "active": true, "filters": {"groups": [{"properties": [{"key": "a", "operator": "between", "value": [1, 2]}]}, {}]}},
+		{"key": "orphan-group", "active": true, "filters": {"aggregation_group_type_index": 3, "groups": [{}]}}
+	]}`)
+	want := map[string]string{
+		"fine": "", "partly-unknown": "",
+		"continuity": "experience continuity", "static-first": "static cohort (9)",
+		"all-unknown": "every condition", "orphan-group": "group type index 3",
+	}
+	for key, w := range want {
+		f, _ := d.Flag(key)
+		got := f.NeverLocal()
+		if (w == "") != (got == "") || !strings.Contains(got, w) {
+			t.Errorf("%s: NeverLocal() = %q, want %q", key, got, w)
+		}
+	}
+}

@@ -1,0 +1,183 @@
+package eval
+
+import (
+	"fmt"
+	"testing"
+	"time"
+)
+
+// flagWithFilter builds a one-flag document whose single condition (rollout 100)
+// holds the given property filter JSON.
+func flagWithFilter(t *testing.T, filterJSON string) *Definitions {
+	t.Helper()
+	doc := fmt.Sprintf(`{"flags":[{"id":1,"key":"f","active":true,"filters":{"groups":[{"properties":[%s],"rollout_percentage":100}]}}]}`, filterJSON)
+	d, err := Parse([]byte(doc))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	if len(d.Problems()) > 0 {
+		t.Fatalf("problems: %v", d.Problems())
+	}
+	return d
+}
+
+type opCase struct {
+	filter string
+	value  Value
+	want   string // "true", "false" or "inconclusive"
+}
+
+func outcomeOf(r Result) string {
+	if r.Inconclusive() {
+		return "inconclusive"
+	}
+	return r.Value()
+}
+
+func runOpCases(t *testing.T, cases []opCase) {
+	t.Helper()
+	for _, c := range cases {
+		d := flagWithFilter(t, c.filter)
+		s := &Subject{DistinctID: "u", Person: Properties{{Key: "p", Value: c.value}}, Now: time.Date(2022, 3, 31, 12, 0, 0, 0, time.UTC)}
+		if got := outcomeOf(d.Evaluate("f", s)); got != c.want {
+			t.Errorf("filter %s with p=%s (%v): got %s, want %s", c.filter, c.value.Text(), c.value.Kind(), got, c.want)
+		}
+	}
+}
+
+func TestExactFollowsTheFlagsService(t *testing.T) {
+	runOpCases(t, []opCase{
+		// Boolean-like filter values compare truthiness.
+		{`{"key":"p","operator":"exact","value":true}`, String("TRUE"), "true"},
+		{`{"key":"p","operator":"exact","value":"True"}`, Bool(true), "true"},
+		{`{"key":"p","operator":"exact","value":"false"}`, String("no"), "true"},
+		{`{"key":"p","operator":"exact","value":false}`, Bool(true), "false"},
+		{`{"key":"p","operator":"exact","value":["true","TRUE"]}`, String("true"), "true"},
+		{`{"key":"p","operator":"is_not","value":true}`, String("yes"), "true"},
+		// Full Unicode lower-casing, not folding.
+		{`{"key":"p","operator":"exact","value":"ΟΔΟΣ"}`, String("οδος"), "true"},
+		{`{"key":"p","operator":"exact","value":"Straße"}`, String("STRASSE"), "false"},
+		{`{"key":"p","operator":"exact","value":"İstanbul"}`, String("i̇stanbul"), "true"},
+		// Numbers are stringified like serde_json.
+		{`{"key":"p","operator":"exact","value":1}`, String("1"), "true"},
+		{`{"key":"p","operator":"exact","value":1.0}`, String("1"), "false"},
+		{`{"key":"p","operator":"exact","value":1.0}`, String("1.0"), "true"},
+		{`{"key":"p","operator":"exact","value":[1, 2]}`, Int(2), "true"},
+		// null is "None" to exact, as in posthog-python.
+		{`{"key":"p","operator":"is_not","value":"none"}`, Null(), "false"},
+		{`{"key":"p","operator":"is_not","value":"x"}`, Null(), "true"},
+		{`{"key":"p","operator":"exact","value":"none"}`, Null(), "false"},
+		// Missing operator means exact.
+		{`{"key":"p","value":"A"}`, String("a"), "true"},
+	})
+}
+
+func TestStringOperatorsLowerASCIIOnly(t *testing.T) {
+	runOpCases(t, []opCase{
+		{`{"key":"p","operator":"icontains","value":"EXAMPLE"}`, String("me@example.com"), "true"},
+		{`{"key":"p","operator":"icontains","value":"ä"}`, String("Ä"), "false"},
+		{`{"key":"p","operator":"not_icontains","value":"x"}`, String("abc"), "true"},
+		{`{"key":"p","operator":"starts_with","value":"HTTPS"}`, String("https://a"), "true"},
+		{`{"key":"p","operator":"not_starts_with","value":"http"}`, String("ftp://a"), "true"},
+		{`{"key":"p","operator":"ends_with","value":".COM"}`, String("a.com"), "true"},
+		{`{"key":"p","operator":"not_ends_with","value":".com"}`, String("a.com"), "false"},
+		{`{"key":"p","operator":"icontains","value":1}`, Int(10), "true"},
+		{`{"key":"p","operator":"icontains","value":"true"}`, Bool(true), "true"},
+		{`{"key":"p","operator":"icontains","value":"x"}`, Null(), "false"},
+	})
+}
+
+func TestRegexOperators(t *testing.T) {
+	runOpCases(t, []opCase{
+		{`{"key":"p","operator":"regex","value":"^v[0-9]+$"}`, String("v12"), "true"},
+		{`{"key":"p","operator":"regex","value":"b"}`, String("abc"), "true"}, // search, not full match
+		{`{"key":"p","operator":"not_regex","value":"b"}`, String("abc"), "false"},
+		// Patterns RE2 cannot compile (look-arounds, back-references) never match.
+		{`{"key":"p","operator":"regex","value":"(?=a)a"}`, String("a"), "false"},
+		{`{"key":"p","operator":"not_regex","value":"(a)\\1"}`, String("b"), "false"},
+		{`{"key":"p","operator":"regex","value":"["}`, String("["), "false"},
+	})
+}
+
+func TestOrderedOperatorsCompareNumbersWhenBothAreNumbers(t *testing.T) {
+	runOpCases(t, []opCase{
+		{`{"key":"p","operator":"lt","value":30}`, String("100"), "false"},
+		{`{"key":"p","operator":"gt","value":"10"}`, String("9"), "false"},
+		{`{"key":"p","operator":"gt","value":3}`, String(" 5 "), "true"},
+		{`{"key":"p","operator":"gte","value":2.5}`, Float(2.5), "true"},
+		{`{"key":"p","operator":"lte","value":"1e3"}`, Int(1000), "true"},
+		// Otherwise the strings are compared.
+		{`{"key":"p","operator":"gt","value":"a"}`, String("b"), "true"},
+		{`{"key":"p","operator":"lt","value":5}`, String("abc"), "false"},
+		{`{"key":"p","operator":"gt","value":5}`, String("abc"), "true"},
+		{`{"key":"p","operator":"gt","value":1}`, Null(), "false"},
+	})
+}
+
+func TestDateOperators(t *testing.T) {
+	// Now is 2022-03-31T12:00:00Z in runOpCases.
+	runOpCases(t, []opCase{
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("2022-04-30T23:59:59Z"), "true"},
+		{`{"key":"p","operator":"is_date_after","value":"2022-05-01T00:00:00+02:00"}`, String("2022-04-30 22:00:01"), "true"},
+		{`{"key":"p","operator":"is_date_after","value":"May 1, 2022"}`, String("2 May 2022"), "true"},
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("04/30/2022"), "true"},
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("20220430"), "true"},
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("2022-04-30 11:00 PM"), "true"},
+		// One month before 31 March is 28 February (clamped), as dateutil does.
+		{`{"key":"p","operator":"is_date_after","value":"-1m"}`, String("2022-02-28T12:00:01Z"), "true"},
+		{`{"key":"p","operator":"is_date_after","value":"-1m"}`, String("2022-02-28T11:59:59Z"), "false"},
+		{`{"key":"p","operator":"is_date_before","value":"1y"}`, String("2021-03-30"), "true"},
+		// Unparseable values are inconclusive, not false.
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("yesterday"), "inconclusive"},
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, Int(1651363200), "inconclusive"},
+		{`{"key":"p","operator":"is_date_before","value":"not a date"}`, String("2022-01-01"), "inconclusive"},
+		{`{"key":"p","operator":"is_date_before","value":"2022-02-30"}`, String("2022-01-01"), "inconclusive"},
+		{`{"key":"p","operator":"is_date_before","value":"10000d"}`, String("2022-01-01"), "inconclusive"},
+	})
+}
+
+func TestSemverOperatorsBeyondTheVectors(t *testing.T) {
+	runOpCases(t, []opCase{
+		{`{"key":"p","operator":"semver_gt","value":"99999999999999999999.0.0"}`, String("100000000000000000000.0.0"), "true"},
+		{`{"key":"p","operator":"semver_eq","value":"1.2"}`, String("1.2.0"), "true"},
+		{`{"key":"p","operator":"semver_eq","value":"1.2.3"}`, String("1.2.3+build.9"), "true"},
+		{`{"key":"p","operator":"semver_caret","value":"0.0.9"}`, String("0.0.10"), "false"},
+		{`{"key":"p","operator":"semver_tilde","value":"1.9.0"}`, String("1.10.0"), "false"},
+		{`{"key":"p","operator":"semver_wildcard","value":"1.2.3"}`, String("1.2.3"), "true"},
+		{`{"key":"p","operator":"semver_wildcard","value":"1.2.3"}`, String("1.2.4"), "false"},
+		{`{"key":"p","operator":"semver_wildcard","value":"*"}`, String("1.0.0"), "inconclusive"},
+		{`{"key":"p","operator":"semver_wildcard","value":"1.*.3"}`, String("1.0.3"), "inconclusive"},
+		{`{"key":"p","operator":"semver_eq","value":"1.2.3"}`, String("1..3"), "inconclusive"},
+	})
+}
+
+func TestPreconditions(t *testing.T) {
+	d := flagWithFilter(t, `{"key":"p","operator":"exact","value":"x"}`)
+	if r := d.Evaluate("f", &Subject{DistinctID: "u"}); r.Reason != ReasonMissingProperty {
+		t.Errorf("missing property: got %s", r.Reason)
+	}
+	for _, op := range []string{"is_date_exact", "between", "in", "flag_evaluates_to", "bogus"} {
+		d := flagWithFilter(t, fmt.Sprintf(`{"key":"p","operator":%q,"value":"x"}`, op))
+		r := d.Evaluate("f", &Subject{DistinctID: "u", Person: Properties{{Key: "p", Value: String("x")}}})
+		if r.Reason != ReasonUnknownOperator {
+			t.Errorf("operator %s: got %s, want unknown_operator", op, r.Reason)
+		}
+	}
+	d = flagWithFilter(t, `{"key":"p","operator":"is_not_set"}`)
+	if r := d.Evaluate("f", &Subject{DistinctID: "u", Person: Properties{{Key: "p", Value: String("x")}}}); r.Reason != ReasonIsNotSet {
+		t.Errorf("is_not_set: got %s", r.Reason)
+	}
+	d = flagWithFilter(t, `{"key":"p","operator":"is_set"}`)
+	if r := d.Evaluate("f", &Subject{DistinctID: "u", Person: Properties{{Key: "p", Value: String("")}}}); !r.Enabled {
+		t.Errorf("is_set on an empty string: got %s", r.Reason)
+	}
+	// distinct_id is a person property even when the caller did not pass it;
+	// the caller's value wins when it did.
+	d = flagWithFilter(t, `{"key":"distinct_id","operator":"exact","value":"u-1"}`)
+	if r := d.Evaluate("f", &Subject{DistinctID: "u-1"}); !r.Enabled {
+		t.Errorf("distinct_id fallback: got %s (%s)", r.Value(), r.Reason)
+	}
+	if r := d.Evaluate("f", &Subject{DistinctID: "u-1", Person: Properties{{Key: "distinct_id", Value: String("other")}}}); r.Enabled {
+		t.Error("the caller's distinct_id property must win")
+	}
+}

@@ -1,0 +1,200 @@
+// One SHA-1 block with the x86 SHA extensions, following Intel's reference flow.
+
+#include "textflag.h"
+
+// func sha1BlockSHANI(state *[5]uint32, block *[64]byte)
+// One SHA-1 compression of a single 64-byte block into state, using the SHA
+// extensions (SHA1RNDS4 runs four rounds, SHA1NEXTE derives the next E,
+// SHA1MSG1/SHA1MSG2 and PXOR extend the message schedule). Registers:
+// X0 = ABCD (A in the high lane), X5/X6 = E0/E1 alternating, X1-X4 = four
+// words of the schedule each, X7 = byte-swap mask, X8/X9 = saved ABCD and E.
+TEXT ·sha1BlockSHANI(SB), NOSPLIT, $0-16
+	MOVQ state+0(FP), DI
+	MOVQ block+8(FP), SI
+	MOVOU (DI), X0
+	PSHUFD $0x1b, X0, X0
+	PXOR X5, X5
+	PINSRD $3, 16(DI), X5
+	MOVOU bswapMask<>(SB), X7
+	MOVO X0, X8
+	MOVO X5, X9
+
+	// Rounds 0-3
+	MOVOU 0(SI), X1
+	PSHUFB X7, X1
+	PADDD X1, X5
+	MOVO X0, X6
+	SHA1RNDS4 $0, X5, X0
+
+	// Rounds 4-7
+	MOVOU 16(SI), X2
+	PSHUFB X7, X2
+	SHA1NEXTE X2, X6
+	MOVO X0, X5
+	SHA1RNDS4 $0, X6, X0
+	SHA1MSG1 X2, X1
+
+	// Rounds 8-11
+	MOVOU 32(SI), X3
+	PSHUFB X7, X3
+	SHA1NEXTE X3, X5
+	MOVO X0, X6
+	SHA1RNDS4 $0, X5, X0
+	SHA1MSG1 X3, X2
+	PXOR X3, X1
+
+	// Rounds 12-15
+	MOVOU 48(SI), X4
+	PSHUFB X7, X4
+	SHA1NEXTE X4, X6
+	MOVO X0, X5
+	SHA1MSG2 X4, X1
+	SHA1RNDS4 $0, X6, X0
+	SHA1MSG1 X4, X3
+	PXOR X4, X2
+
+	// Rounds 16-19
+	SHA1NEXTE X1, X5
+	MOVO X0, X6
+	SHA1MSG2 X1, X2
+	SHA1RNDS4 $0, X5, X0
+	SHA1MSG1 X1, X4
+	PXOR X1, X3
+
+	// Rounds 20-23
+	SHA1NEXTE X2, X6
+	MOVO X0, X5
+	SHA1MSG2 X2, X3
+	SHA1RNDS4 $1, X6, X0
+	SHA1MSG1 X2, X1
+	PXOR X2, X4
+
+	// Rounds 24-27
+	SHA1NEXTE X3, X5
+	MOVO X0, X6
+	SHA1MSG2 X3, X4
+	SHA1RNDS4 $1, X5, X0
+	SHA1MSG1 X3, X2
+	PXOR X3, X1
+
+	// Rounds 28-31
+	SHA1NEXTE X4, X6
+	MOVO X0, X5
+	SHA1MSG2 X4, X1
+	SHA1RNDS4 $1, X6, X0
+	SHA1MSG1 X4, X3
+	PXOR X4, X2
+
+	// Rounds 32-35
+	SHA1NEXTE X1, X5
+	MOVO X0, X6
+	SHA1MSG2 X1, X2
+	SHA1RNDS4 $1, X5, X0
+	SHA1MSG1 X1, X4
+	PXOR X1, X3
+
+	// Rounds 36-39
+	SHA1NEXTE X2, X6
+	MOVO X0, X5
+	SHA1MSG2 X2, X3
+	SHA1RNDS4 $1, X6, X0
+	SHA1MSG1 X2, X1
+	PXOR X2, X4
+
+	// Rounds 40-43
+	SHA1NEXTE X3, X5
+	MOVO X0, X6
+	SHA1MSG2 X3, X4
+	SHA1RNDS4 $2, X5, X0
+	SHA1MSG1 X3, X2
+	PXOR X3, X1
+
+	// Rounds 44-47
+	SHA1NEXTE X4, X6
+	MOVO X0, X5
+	SHA1MSG2 X4, X1
+	SHA1RNDS4 $2, X6, X0
+	SHA1MSG1 X4, X3
+	PXOR X4, X2
+
+	// Rounds 48-51
+	SHA1NEXTE X1, X5
+	MOVO X0, X6
+	SHA1MSG2 X1, X2
+	SHA1RNDS4 $2, X5, X0
+	SHA1MSG1 X1, X4
+	PXOR X1, X3
+
+	// Rounds 52-55
+	SHA1NEXTE X2, X6
+	MOVO X0, X5
+	SHA1MSG2 X2, X3
+	SHA1RNDS4 $2, X6, X0
+	SHA1MSG1 X2, X1
+	PXOR X2, X4
+
+	// Rounds 56-59
+	SHA1NEXTE X3, X5
+	MOVO X0, X6
+	SHA1MSG2 X3, X4
+	SHA1RNDS4 $2, X5, X0
+	SHA1MSG1 X3, X2
+	PXOR X3, X1
+
+	// Rounds 60-63
+	SHA1NEXTE X4, X6
+	MOVO X0, X5
+	SHA1MSG2 X4, X1
+	SHA1RNDS4 $3, X6, X0
+	SHA1MSG1 X4, X3
+	PXOR X4, X2
+
+	// Rounds 64-67
+	SHA1NEXTE X1, X5
+	MOVO X0, X6
+	SHA1MSG2 X1, X2
+	SHA1RNDS4 $3, X5, X0
+	SHA1MSG1 X1, X4
+	PXOR X1, X3
+
+	// Rounds 68-71
+	SHA1NEXTE X2, X6
+	MOVO X0, X5
+	SHA1MSG2 X2, X3
+	SHA1RNDS4 $3, X6, X0
+	PXOR X2, X4
+
+	// Rounds 72-75
+	SHA1NEXTE X3, X5
+	MOVO X0, X6
+	SHA1MSG2 X3, X4
+	SHA1RNDS4 $3, X5, X0
+
+	// Rounds 76-79
+	SHA1NEXTE X4, X6
+	MOVO X0, X5
+	SHA1RNDS4 $3, X6, X0
+
+	// Add the state the block started from.
+	SHA1NEXTE X9, X5
+	PADDD X8, X0
+	PSHUFD $0x1b, X0, X0
+	MOVOU X0, (DI)
+	PEXTRD $3, X5, 16(DI)
+	RET
+
+// func cpuid(leaf, subleaf uint32) (eax, ebx, ecx, edx uint32)
+TEXT ·cpuid(SB), NOSPLIT, $0-24
+	MOVL leaf+0(FP), AX
+	MOVL subleaf+4(FP), CX
+	CPUID
+	MOVL AX, eax+8(FP)
+	MOVL BX, ebx+12(FP)
+	MOVL CX, ecx+16(FP)
+	MOVL DX, edx+20(FP)
+	RET
+
+// PSHUFB mask reversing the 16 bytes of a register: SHA-1 reads big-endian words.
+DATA bswapMask<>+0(SB)/8, $0x08090a0b0c0d0e0f
+DATA bswapMask<>+8(SB)/8, $0x0001020304050607
+GLOBL bswapMask<>(SB), RODATA|NOPTR, $16
