@@ -314,7 +314,6 @@ func (f *Flag) selectVariant(bucket string) int {
 	return -1
 }
 
-
 // conditionFilters ANDs a condition's filters in order: the first false filter
 // decides (later ones are not looked at, so a missing property after it does not
 // matter), the first inconclusive one makes the condition inconclusive.

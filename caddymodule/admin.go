@@ -1,0 +1,282 @@
+package caddymodule
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/flagsplit/flagsplit/eval"
+	"github.com/flagsplit/flagsplit/proxy"
+)
+
+func init() {
+	caddy.RegisterModule(AdminAPI{})
+}
+
+// AdminAPI serves flagsplit's endpoints on Caddy's admin listener:
+//
+//	GET    /feature_flags/                    definitions source, flags, overrides, statistics
+//	GET    /feature_flags/evaluate?distinct_id=...&person_properties=<json>&...
+//	GET    /feature_flags/overrides           every override
+//	PUT    /feature_flags/overrides/<flag>    {"killed": true} | {"rollout_percentage": 25} | {"variant": "control"}
+//	DELETE /feature_flags/overrides/<flag>
+//	POST   /feature_flags/refresh             fetch definitions now
+//	POST   /feature_flags/rollouts/<flag>/{pause,resume,promote,abort}
+type AdminAPI struct{}
+
+// CaddyModule returns the Caddy module information.
+func (AdminAPI) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.feature_flags",
+		New: func() caddy.Module { return new(AdminAPI) },
+	}
+}
+
+// Routes returns the admin routes.
+func (AdminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{{Pattern: "/feature_flags/", Handler: caddy.AdminHandlerFunc(serveAdmin)}}
+}
+
+// maxAdminBody bounds request bodies.
+const maxAdminBody = 1 << 20
+
+func apiError(status int, format string, args ...any) error {
+	err := fmt.Errorf(format, args...)
+	return caddy.APIError{HTTPStatus: status, Err: err, Message: err.Error()}
+}
+
+// currentApp finds the running config's feature_flags app. The admin router is
+// built before apps are provisioned, so it is looked up per request.
+func currentApp() (*App, error) {
+	app, err := caddy.ActiveContext().AppIfConfigured("feature_flags")
+	if err != nil {
+		return nil, apiError(http.StatusNotFound, "the feature_flags app is not configured")
+	}
+	return app.(*App), nil
+}
+
+func serveAdmin(w http.ResponseWriter, r *http.Request) error {
+	app, err := currentApp()
+	if err != nil {
+		return err
+	}
+	path := strings.TrimPrefix(r.URL.Path, "/feature_flags")
+	path = strings.Trim(path, "/")
+	parts := strings.Split(path, "/")
+	switch {
+	case path == "":
+		if err := allow(r, http.MethodGet); err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusOK, app.status(time.Now()))
+	case path == "evaluate":
+		if err := allow(r, http.MethodGet); err != nil {
+			return err
+		}
+		return app.serveEvaluate(w, r)
+	case path == "refresh":
+		if err := allow(r, http.MethodPost); err != nil {
+			return err
+		}
+		outcome, err := app.refresh(r.Context())
+		if err != nil {
+			return apiError(http.StatusBadGateway, "refreshing definitions: %v", err)
+		}
+		return writeJSON(w, http.StatusOK, map[string]any{"outcome": outcome, "flags": app.engine.store.Load().Len()})
+	case path == "overrides":
+		if err := allow(r, http.MethodGet); err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusOK, nonNil(app.engine.overridesSnapshot()))
+	case parts[0] == "overrides" && len(parts) == 2 && parts[1] != "":
+		return app.serveOverride(w, r, parts[1])
+	case parts[0] == "rollouts" && len(parts) == 3:
+		if err := allow(r, http.MethodPost); err != nil {
+			return err
+		}
+		switch parts[2] {
+		case "pause", "resume", "promote", "abort":
+		default:
+			return apiError(http.StatusNotFound, "unknown rollout action %q (pause, resume, promote or abort)", parts[2])
+		}
+		return app.serveRolloutAction(w, r, parts[1], parts[2])
+	}
+	return apiError(http.StatusNotFound, "no such endpoint: %s", r.URL.Path)
+}
+
+func allow(r *http.Request, methods ...string) error {
+	for _, m := range methods {
+		if r.Method == m {
+			return nil
+		}
+	}
+	return apiError(http.StatusMethodNotAllowed, "method %s not allowed (use %s)", r.Method, strings.Join(methods, " or "))
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func nonNil(m map[string]eval.Override) map[string]eval.Override {
+	if m == nil {
+		return map[string]eval.Override{}
+	}
+	return m
+}
+
+func (a *App) serveOverride(w http.ResponseWriter, r *http.Request, key string) error {
+	switch r.Method {
+	case http.MethodGet:
+		o, ok := a.engine.overridesSnapshot()[key]
+		if !ok {
+			return apiError(http.StatusNotFound, "flag %q has no override", key)
+		}
+		return writeJSON(w, http.StatusOK, o)
+	case http.MethodPut, http.MethodPost:
+		body, err := io.ReadAll(io.LimitReader(r.Body, maxAdminBody))
+		if err != nil {
+			return apiError(http.StatusBadRequest, "reading body: %v", err)
+		}
+		var o eval.Override
+		dec := json.NewDecoder(bytes.NewReader(body))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&o); err != nil {
+			return apiError(http.StatusBadRequest, `body must be a JSON object such as {"killed": true}, {"rollout_percentage": 25} or {"variant": "control"}: %v`, err)
+		}
+		if _, err := a.setOverride(r.Context(), key, &o); err != nil {
+			if errors.Is(err, errUnknownFlag) {
+				return apiError(http.StatusNotFound, "%v", err)
+			}
+			if strings.Contains(err.Error(), "storage") {
+				return apiError(http.StatusServiceUnavailable, "%v", err)
+			}
+			return apiError(http.StatusBadRequest, "%v", err)
+		}
+		a.logger.Info("override set")
+		return writeJSON(w, http.StatusOK, map[string]any{"flag": key, "override": o})
+	case http.MethodDelete:
+		existed, err := a.setOverride(r.Context(), key, nil)
+		if err != nil {
+			return apiError(http.StatusServiceUnavailable, "%v", err)
+		}
+		if !existed {
+			return apiError(http.StatusNotFound, "flag %q has no override", key)
+		}
+		return writeJSON(w, http.StatusOK, map[string]any{"flag": key, "deleted": true})
+	}
+	return allow(r, http.MethodGet, http.MethodPut, http.MethodDelete)
+}
+
+func (a *App) serveRolloutAction(w http.ResponseWriter, r *http.Request, key, action string) error {
+	return apiError(http.StatusNotFound, "no rollout is configured for flag %q", key)
+}
+
+// serveEvaluate answers what this proxy would answer for a subject, with reasons.
+func (a *App) serveEvaluate(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	if q.Get("distinct_id") == "" {
+		return apiError(http.StatusBadRequest, "distinct_id is required")
+	}
+	subj, err := subjectFromJSON(subjectJSON{
+		distinctID: q.Get("distinct_id"), deviceID: q.Get("device_id"),
+		person: q.Get("person_properties"), groups: q.Get("groups"), groupProps: q.Get("group_properties"),
+	}, "")
+	if err != nil {
+		return apiError(http.StatusBadRequest, "%v", err)
+	}
+	results := evaluateFlags(a.engine.store.Load(), &subj, q["flag"])
+	return writeJSON(w, http.StatusOK, map[string]any{"distinct_id": subj.DistinctID, "results": results})
+}
+
+// adminStatus is GET /feature_flags/.
+type adminStatus struct {
+	Ready      bool                     `json:"ready"`
+	Source     sourceInfo               `json:"source"`
+	LastFetch  *time.Time               `json:"last_successful_fetch,omitempty"`
+	FlagCount  int                      `json:"flag_count"`
+	Generation uint64                   `json:"generation"`
+	Cache      cacheStatus              `json:"cache"`
+	StaleAfter string                   `json:"stale_after"`
+	StaleFlags []string                 `json:"stale_flags"`
+	Overrides  map[string]eval.Override `json:"overrides"`
+	Flags      []flagStatus             `json:"flags"`
+}
+
+type cacheStatus struct {
+	Size    int    `json:"size"`
+	Entries int    `json:"entries"`
+	Hits    uint64 `json:"hits"`
+	Misses  uint64 `json:"misses"`
+}
+
+type flagStatus struct {
+	Key          string               `json:"key"`
+	ID           int64                `json:"id,omitempty"`
+	Version      int64                `json:"version,omitempty"`
+	Active       bool                 `json:"active"`
+	Variants     []string             `json:"variants,omitempty"`
+	Override     *eval.Override       `json:"override,omitempty"`
+	Rollout      any                  `json:"rollout"`
+	Local        string               `json:"local"`
+	LocalDetail  []string             `json:"local_detail,omitempty"`
+	Activity     flagActivity         `json:"activity"`
+	VariantStats []proxy.VariantStats `json:"variant_stats,omitempty"`
+}
+
+func (a *App) status(now time.Time) adminStatus {
+	e := a.engine
+	defs := e.store.Load()
+	e.mu.Lock()
+	st := adminStatus{Ready: e.base != nil, Source: e.source, Overrides: nonNil(maps.Clone(e.overrides))}
+	if !e.lastFetch.IsZero() {
+		t := e.lastFetch
+		st.LastFetch = &t
+	}
+	e.mu.Unlock()
+	st.FlagCount, st.Generation = defs.Len(), defs.Generation()
+	hits, misses, entries := e.cache.Stats()
+	st.Cache = cacheStatus{Size: *a.CacheSize, Entries: entries, Hits: hits, Misses: misses}
+	staleAfter := time.Duration(a.StaleAfter)
+	st.StaleAfter = staleAfter.String()
+	st.StaleFlags = []string{}
+
+	warnings := map[string][]string{}
+	for _, w := range defs.Warnings() {
+		warnings[w.Flag] = append(warnings[w.Flag], w.Path+": "+w.Message)
+	}
+	stats := map[string][]proxy.VariantStats{}
+	for _, s := range e.outcomes.Snapshot() {
+		stats[s.Flag] = append(stats[s.Flag], s)
+	}
+	for _, f := range defs.Flags() {
+		fs := flagStatus{Key: f.Key, ID: f.ID, Version: f.Version, Active: f.Active, Variants: f.Variants(),
+			Override: f.Override(), Local: "yes", VariantStats: stats[f.Key]}
+		switch never := f.NeverLocal(); {
+		case never != "":
+			fs.Local, fs.LocalDetail = "never", []string{never}
+		case len(warnings[f.Key]) > 0:
+			fs.Local, fs.LocalDetail = "partly", warnings[f.Key]
+		}
+		fs.Activity = e.activity.status(f.Key, now, staleAfter)
+		if fs.Activity.Stale {
+			st.StaleFlags = append(st.StaleFlags, f.Key)
+		}
+		st.Flags = append(st.Flags, fs)
+	}
+	return st
+}
+
+// Interface guards.
+var _ caddy.AdminRouter = (*AdminAPI)(nil)

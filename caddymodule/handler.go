@@ -1,0 +1,330 @@
+package caddymodule
+
+import (
+	"fmt"
+	"net/http"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/flagsplit/flagsplit/eval"
+	"github.com/flagsplit/flagsplit/proxy"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Handler evaluates feature flags for each request: it resolves the distinct id,
+// evaluates the flags (through the result cache), removes any flagsplit header
+// the client sent, adds X-PostHog-Distinct-Id and X-Feature-Flag-<flag> for the
+// upstream, and makes the results available to matchers, the feature_flag
+// selection policy and placeholders.
+//
+// Placeholders set:
+//
+// Placeholder | Description
+// ------------|-------------
+// `{feature_flags.distinct_id}` | The resolved distinct id
+// `{feature_flags.<flag>}` | The flag's value: `true`, `false` or the variant
+// `{feature_flags.<flag>.payload}` | The payload for that value, as JSON
+type Handler struct {
+	// DistinctID lists where to look for the distinct id, in order. Default:
+	// the X-POSTHOG-DISTINCT-ID header, then the posthog-js cookie.
+	DistinctID []IdentitySource `json:"distinct_id,omitempty"`
+
+	// AssignCookie controls whether a request without an id gets one, set in a
+	// cookie (posthog-js's own when a project key is configured, so the browser
+	// SDK adopts it; flagsplit_id otherwise). Default: true.
+	AssignCookie *bool `json:"assign_cookie,omitempty"`
+
+	// CookieDomain is the Domain attribute of an assigned cookie; set it to
+	// the site's registrable domain to share the id across subdomains.
+	CookieDomain string `json:"cookie_domain,omitempty"`
+
+	// CookieMaxAge is how long an assigned cookie lives. Default: 365 days,
+	// as posthog-js.
+	CookieMaxAge caddy.Duration `json:"cookie_max_age,omitempty"`
+
+	// PersonProperties maps person property names to values with placeholders,
+	// e.g. {"plan": "{http.request.header.X-Plan}"}. An empty value leaves the
+	// property out (flags that need it are then inconclusive).
+	PersonProperties map[string]string `json:"person_properties,omitempty"`
+
+	// Groups maps group types (as in PostHog's group_type_mapping) to the
+	// group key, with placeholders.
+	Groups map[string]string `json:"groups,omitempty"`
+
+	// GroupProperties maps a group type to its properties, with placeholders.
+	GroupProperties map[string]map[string]string `json:"group_properties,omitempty"`
+
+	// Flags restricts evaluation to these flag keys. Default: every flag.
+	Flags []string `json:"flags,omitempty"`
+
+	app        *App
+	logger     *zap.Logger
+	resolver   *proxy.Resolver
+	cookieOpts proxy.CookieOptions
+	person     []valueSource
+	groups     []groupSource
+	selection  *eval.Selection
+	bound      *atomic.Pointer[boundSet]
+}
+
+// IdentitySource is one place to look for the distinct id.
+type IdentitySource struct {
+	// Source is "header", "cookie" or "placeholder".
+	Source string `json:"source"`
+	// Name is the header name, the cookie name ("posthog" for the posthog-js
+	// cookie) or the placeholder.
+	Name string `json:"name"`
+}
+
+type valueSource struct {
+	name string
+	// value is the configured text; key is set when it is exactly one
+	// placeholder, which is then read directly instead of parsed per request.
+	value string
+	key   string
+}
+
+type groupSource struct {
+	typ   string
+	key   valueSource
+	props []valueSource
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.feature_flags",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets up the handler.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	appVal, err := ctx.App("feature_flags")
+	if err != nil {
+		return fmt.Errorf("feature_flags app: %w", err)
+	}
+	return h.setup(appVal.(*App), ctx.Logger())
+}
+
+// setup prepares a handler for an app (also used for the app's implicit
+// handler that serves matchers and policies on sites without the directive).
+func (h *Handler) setup(app *App, logger *zap.Logger) error {
+	h.app, h.logger = app, logger
+	h.bound = new(atomic.Pointer[boundSet])
+	sources := make([]proxy.Source, 0, len(h.DistinctID))
+	for _, s := range h.DistinctID {
+		src, err := s.toSource()
+		if err != nil {
+			return err
+		}
+		sources = append(sources, src)
+	}
+	assign := h.AssignCookie == nil || *h.AssignCookie
+	h.resolver = proxy.NewResolver(sources, app.ProjectAPIKey(), assign)
+	h.cookieOpts = proxy.CookieOptions{Domain: h.CookieDomain, MaxAge: time.Duration(h.CookieMaxAge)}
+	if h.CookieMaxAge < 0 {
+		return fmt.Errorf("cookie_max_age must be positive")
+	}
+
+	h.person = valueSources(h.PersonProperties)
+	groupTypes := make([]string, 0, len(h.Groups))
+	for typ := range h.Groups {
+		groupTypes = append(groupTypes, typ)
+	}
+	for typ := range h.GroupProperties {
+		if _, ok := h.Groups[typ]; !ok {
+			return fmt.Errorf("group_property for group type %q without a group %s line giving its key", typ, typ)
+		}
+	}
+	sort.Strings(groupTypes)
+	h.groups = make([]groupSource, len(groupTypes))
+	for i, typ := range groupTypes {
+		h.groups[i] = groupSource{typ: typ, key: newValueSource("", h.Groups[typ]), props: valueSources(h.GroupProperties[typ])}
+	}
+	for _, f := range h.Flags {
+		if f == "" {
+			return fmt.Errorf("empty flag key in flags")
+		}
+	}
+	var keys []string
+	if len(h.Flags) > 0 {
+		keys = h.Flags
+	}
+	h.selection = eval.NewSelection(keys)
+	return nil
+}
+
+func (s IdentitySource) toSource() (proxy.Source, error) {
+	switch s.Source {
+	case "header":
+		if s.Name == "" {
+			return proxy.Source{}, fmt.Errorf("distinct_id header: a header name is required")
+		}
+		return proxy.Source{Kind: proxy.SourceHeader, Name: s.Name}, nil
+	case "cookie":
+		if s.Name == "" {
+			return proxy.Source{}, fmt.Errorf("distinct_id cookie: a cookie name (or posthog) is required")
+		}
+		if s.Name == "posthog" {
+			return proxy.Source{Kind: proxy.SourcePostHogCookie}, nil
+		}
+		return proxy.Source{Kind: proxy.SourceCookie, Name: s.Name}, nil
+	case "placeholder":
+		if s.Name == "" {
+			return proxy.Source{}, fmt.Errorf("distinct_id placeholder: a placeholder is required")
+		}
+		return proxy.Source{Kind: proxy.SourcePlaceholder, Name: s.Name}, nil
+	}
+	return proxy.Source{}, fmt.Errorf("unknown distinct_id source %q (want header, cookie or placeholder)", s.Source)
+}
+
+func valueSources(m map[string]string) []valueSource {
+	out := make([]valueSource, 0, len(m))
+	for name, value := range m {
+		out = append(out, newValueSource(name, value))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
+	return out
+}
+
+func newValueSource(name, value string) valueSource {
+	vs := valueSource{name: name, value: value}
+	if strings.HasPrefix(value, "{") && strings.HasSuffix(value, "}") && strings.Count(value, "{") == 1 {
+		vs.key = value[1 : len(value)-1]
+	}
+	return vs
+}
+
+func (vs *valueSource) resolve(repl *caddy.Replacer) string {
+	if vs.key != "" {
+		v, _ := repl.GetString(vs.key)
+		return v
+	}
+	return repl.ReplaceAll(vs.value, "")
+}
+
+// boundSet is the handler's flag selection bound to one definitions generation,
+// with everything per-flag the request path needs prepared once.
+type boundSet struct {
+	defs     *eval.Definitions
+	fs       *eval.FlagSet
+	index    map[string]int
+	headers  proxy.HeaderWriter
+	counters []flagCounters
+	lastSeen []*atomic.Int64
+}
+
+// bind returns the flag selection for the definitions in force.
+func (h *Handler) bind(defs *eval.Definitions) *boundSet {
+	if b := h.bound.Load(); b != nil && b.defs == defs {
+		return b
+	}
+	fs := h.selection.For(defs)
+	b := &boundSet{defs: defs, fs: fs, index: make(map[string]int, fs.Len())}
+	b.headers.Names = make([]string, fs.Len())
+	b.counters = make([]flagCounters, fs.Len())
+	b.lastSeen = make([]*atomic.Int64, fs.Len())
+	for i, key := range fs.Keys() {
+		b.index[key] = i
+		b.headers.Names[i] = proxy.FlagHeaderName(key)
+		b.counters[i] = newFlagCounters(key, fs.Values(i))
+		b.lastSeen[i] = h.app.engine.activity.cell(key)
+	}
+	h.bound.Store(b)
+	return b
+}
+
+// ServeHTTP implements caddyhttp.MiddlewareHandler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	st := h.evaluate(r, repl, true)
+	if st.cookie != nil {
+		http.SetCookie(w, st.cookie)
+	}
+	proxy.StripClientHeaders(r.Header)
+	st.bound.headers.Set(r.Header, st.identity.DistinctID, st.results.Value)
+	st.countEvaluations()
+
+	st.recorder.ResponseWriter = w
+	start := time.Now()
+	err := next.ServeHTTP(&st.recorder, r)
+	st.finish(err, time.Since(start), repl)
+	return err
+}
+
+// evaluate resolves the identity, evaluates the flags and attaches the result to
+// the request (vars and placeholders). assign mints an identity when none is
+// found and the handler is configured to.
+func (h *Handler) evaluate(r *http.Request, repl *caddy.Replacer, assign bool) *requestState {
+	st := &requestState{handler: h}
+	st.recorder.state = st
+	var malformed proxy.SourceKind
+	st.identity, malformed = h.resolver.Resolve(r, func(ph string) string { return repl.ReplaceAll(ph, "") })
+	if malformed != proxy.SourceNone {
+		malformedIdentityTotal.WithLabelValues(malformed.String()).Inc()
+		if c := h.logger.Check(zapcore.DebugLevel, "malformed identity ignored"); c != nil {
+			c.Write(zap.String("source", malformed.String()))
+		}
+	}
+	if st.identity.DistinctID == "" && assign && h.resolver.Assigns() {
+		id, cookie, err := h.resolver.Assign(h.cookieOptions(r))
+		if err != nil {
+			h.logger.Error("assigning a distinct id", zap.Error(err))
+		} else {
+			st.identity, st.cookie = id, cookie
+		}
+	}
+	identityTotal.WithLabelValues(st.identity.Source.String()).Inc()
+
+	st.subject.DistinctID = st.identity.DistinctID
+	st.subject.DeviceID = st.identity.DeviceID
+	st.subject.Person = h.properties(h.person, repl, nil)
+	for i := range h.groups {
+		g := &h.groups[i]
+		key := g.key.resolve(repl)
+		if key == "" {
+			continue
+		}
+		st.subject.Groups = append(st.subject.Groups, eval.Group{Type: g.typ, Key: key, Properties: h.properties(g.props, repl, nil)})
+	}
+
+	defs := h.app.engine.store.Load()
+	st.bound = h.bind(defs)
+	st.results = h.app.engine.cache.Evaluate(st.bound.fs, &st.subject)
+
+	caddyhttp.SetVar(r.Context(), stateVarKey, st)
+	repl.Map(st.placeholder)
+	return st
+}
+
+func (h *Handler) properties(sources []valueSource, repl *caddy.Replacer, dst eval.Properties) eval.Properties {
+	for i := range sources {
+		if v := sources[i].resolve(repl); v != "" {
+			dst = append(dst, eval.Property{Key: sources[i].name, Value: eval.String(v)})
+		}
+	}
+	return dst
+}
+
+func (h *Handler) cookieOptions(r *http.Request) proxy.CookieOptions {
+	opts := h.cookieOpts
+	opts.Secure = r.TLS != nil
+	return opts
+}
+
+// Interface guards.
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

@@ -1,0 +1,5 @@
+package caddymodule
+
+import "go.uber.org/zap"
+
+func zapError(err error) zap.Field { return zap.Error(err) }

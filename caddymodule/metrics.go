@@ -1,0 +1,95 @@
+package caddymodule
+
+import (
+	"errors"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Collectors are created once and registered into every config's registry, so
+// their values carry over config reloads (Caddy builds a new registry per load).
+const (
+	metricsNamespace = "caddy"
+	metricsSubsystem = "feature_flags"
+)
+
+var (
+	evaluationsTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "evaluations_total",
+		Help: "Flag evaluations by flag and value (true, false or the variant).",
+	}, []string{"flag", "value"})
+
+	inconclusiveTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "inconclusive_total",
+		Help: "Evaluations that could not be decided locally and served the default, by flag and reason.",
+	}, []string{"flag", "reason"})
+
+	requestsTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "requests_total",
+		Help: "Requests routed by a flag, by flag, variant, upstream and status class.",
+	}, []string{"flag", "variant", "upstream", "code_class"})
+
+	requestDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "request_duration_seconds",
+		Help:    "Time to handle requests routed by a flag, by flag and variant.",
+		Buckets: prometheus.DefBuckets,
+	}, []string{"flag", "variant"})
+
+	definitionsLastSuccess = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "definitions_last_success_timestamp_seconds",
+		Help: "When flag definitions were last loaded successfully (Unix time).",
+	})
+
+	definitionsErrors = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "definitions_errors_total",
+		Help: "Failed attempts to load flag definitions (unreadable or malformed files, failed fetches).",
+	})
+
+	definitionsReady = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "definitions_ready",
+		Help: "1 once flag definitions are in force (from PostHog, the stored copy or the file), 0 before.",
+	})
+
+	overridesActive = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "overrides",
+		Help: "Number of flags with a runtime override (kill switch, rollout cap or forced variant).",
+	})
+
+	definitionsFlags = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "definitions_flags",
+		Help: "Number of flags in the definitions in force.",
+	})
+
+	identityTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "identity_total",
+		Help: "Requests by where their distinct id came from (header, posthog_cookie, cookie, placeholder, assigned, none).",
+	}, []string{"source"})
+
+	malformedIdentityTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "malformed_identity_total",
+		Help: "Identity sources present but malformed (ignored), by source.",
+	}, []string{"source"})
+)
+
+var collectors = []prometheus.Collector{
+	evaluationsTotal, inconclusiveTotal, requestsTotal, requestDuration,
+	definitionsLastSuccess, definitionsErrors, definitionsFlags, definitionsReady, overridesActive,
+	identityTotal, malformedIdentityTotal,
+}
+
+// registerMetrics adds the collectors to this config's registry.
+func registerMetrics(ctx caddy.Context) {
+	reg := ctx.GetMetricsRegistry()
+	if reg == nil {
+		return
+	}
+	for _, c := range collectors {
+		if err := reg.Register(c); err != nil {
+			var already prometheus.AlreadyRegisteredError
+			if !errors.As(err, &already) {
+				ctx.Logger().Warn("registering metric", zapError(err))
+			}
+		}
+	}
+}

@@ -1,0 +1,152 @@
+// Package posthogtest provides a stand-in PostHog server for tests: it serves
+// /flags/definitions with the real endpoint's shapes, status codes and weak
+// ETags, and can be told to fail, stall or run out of quota.
+package posthogtest
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Server is a stand-in PostHog instance.
+type Server struct {
+	*httptest.Server
+	ProjectAPIKey  string
+	PersonalAPIKey string
+
+	mu       sync.Mutex
+	body     []byte
+	etag     string
+	status   int // forced status, 0 = normal behaviour
+	delay    time.Duration
+	requests []Request
+
+	served      atomic.Int64 // 200s
+	notModified atomic.Int64 // 304s
+}
+
+// Request is what the server saw of one request.
+type Request struct {
+	Path          string
+	Token         string
+	SendCohorts   bool
+	Authorization string
+	IfNoneMatch   string
+	Status        int
+}
+
+// New starts a server with the given keys and definitions body.
+func New(projectKey, personalKey string, definitions []byte) *Server {
+	s := &Server{ProjectAPIKey: projectKey, PersonalAPIKey: personalKey}
+	s.SetDefinitions(definitions)
+	s.Server = httptest.NewServer(http.HandlerFunc(s.serve))
+	return s
+}
+
+// SetDefinitions changes the definitions (and so the ETag).
+func (s *Server) SetDefinitions(body []byte) {
+	sum := sha256.Sum256(body)
+	s.mu.Lock()
+	s.body = append([]byte(nil), body...)
+	s.etag = fmt.Sprintf(`W/"%x"`, sum[:16])
+	s.mu.Unlock()
+}
+
+// ETag returns the current validator.
+func (s *Server) ETag() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.etag
+}
+
+// FailWith makes every request answer status (0 restores normal answers).
+// 402 answers with PostHog's quota_limited body, 401/403 with its
+// authentication error body.
+func (s *Server) FailWith(status int) {
+	s.mu.Lock()
+	s.status = status
+	s.mu.Unlock()
+}
+
+// Stall delays every answer by d (to exercise client timeouts).
+func (s *Server) Stall(d time.Duration) {
+	s.mu.Lock()
+	s.delay = d
+	s.mu.Unlock()
+}
+
+// Requests returns what the server has seen.
+func (s *Server) Requests() []Request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Request(nil), s.requests...)
+}
+
+// Served counts 200 answers with a body; NotModified counts 304s.
+func (s *Server) Served() int64      { return s.served.Load() }
+func (s *Server) NotModified() int64 { return s.notModified.Load() }
+
+func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	body, etag, forced, delay := s.body, s.etag, s.status, s.delay
+	s.mu.Unlock()
+	req := Request{Path: r.URL.Path, Token: r.URL.Query().Get("token"), SendCohorts: r.URL.Query().Has("send_cohorts"),
+		Authorization: r.Header.Get("Authorization"), IfNoneMatch: r.Header.Get("If-None-Match")}
+	record := func(status int) {
+		req.Status = status
+		s.mu.Lock()
+		s.requests = append(s.requests, req)
+		s.mu.Unlock()
+	}
+	if delay > 0 {
+		select {
+		case <-time.After(delay):
+		case <-r.Context().Done():
+			record(0)
+			return
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	switch {
+	case r.URL.Path != "/flags/definitions":
+		record(http.StatusNotFound)
+		http.Error(w, `{"type":"invalid_request","code":"not_found","detail":"Not found."}`, http.StatusNotFound)
+		return
+	case forced == http.StatusPaymentRequired:
+		record(forced)
+		w.WriteHeader(forced)
+		fmt.Fprint(w, `{"type":"quota_limited","detail":"You have exceeded your feature flag request quota","code":"payment_required"}`)
+		return
+	case forced == http.StatusUnauthorized || forced == http.StatusForbidden ||
+		r.Header.Get("Authorization") != "Bearer "+s.PersonalAPIKey || req.Token != s.ProjectAPIKey:
+		status := forced
+		if status == 0 {
+			status = http.StatusUnauthorized
+		}
+		record(status)
+		w.WriteHeader(status)
+		fmt.Fprint(w, `{"type":"authentication_error","code":"authentication_failed","detail":"Incorrect authentication credentials."}`)
+		return
+	case forced != 0:
+		record(forced)
+		w.WriteHeader(forced)
+		fmt.Fprintf(w, `{"type":"server_error","detail":"forced %d"}`, forced)
+		return
+	}
+	w.Header().Set("Cache-Control", "private, must-revalidate")
+	w.Header().Set("ETag", etag)
+	if match := r.Header.Get("If-None-Match"); match != "" && (match == etag || "W/"+match == etag) {
+		record(http.StatusNotModified)
+		s.notModified.Add(1)
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	record(http.StatusOK)
+	s.served.Add(1)
+	w.Write(body)
+}
