@@ -59,6 +59,12 @@ type App struct {
 	// properties evaluated). 0 disables the cache. Default: 100000.
 	CacheSize *int `json:"cache_size,omitempty"`
 
+	// CacheMinCost is the estimated time to evaluate a handler's flags from
+	// which their answers are cached. Cheaper flag sets are evaluated on every
+	// request: that costs less than a cache lookup plus what a large live
+	// cache costs the garbage collector. 0 caches every set. Default: 10µs.
+	CacheMinCost *caddy.Duration `json:"cache_min_cost,omitempty"`
+
 	// WatchInterval is how often the definitions file is checked for changes.
 	// Default: 1s.
 	WatchInterval caddy.Duration `json:"watch_interval,omitempty"`
@@ -71,14 +77,14 @@ type App struct {
 	// admin API lists it as stale. Default: 720h (30 days).
 	StaleAfter caddy.Duration `json:"stale_after,omitempty"`
 
-	engine       *engine
-	engineKey    string
-	logger       *zap.Logger
-	storage      certmagic.Storage
-	poller       *posthog.Poller
-	cancel       context.CancelFunc
-	wg           *sync.WaitGroup
-	implicitOnce *implicitHandler
+	engine    *engine
+	engineKey string
+	logger    *zap.Logger
+	storage   certmagic.Storage
+	poller    *posthog.Poller
+	cancel    context.CancelFunc
+	wg        *sync.WaitGroup
+	implicit  *implicitHandler
 }
 
 // CaddyModule returns the Caddy module information.
@@ -141,7 +147,7 @@ func (e *engine) Destruct() error {
 // Provision sets up the app.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
-	a.implicitOnce = new(implicitHandler)
+	a.implicit = new(implicitHandler)
 	a.wg = new(sync.WaitGroup)
 	a.storage = storageOf(ctx)
 	if a.CacheSize == nil {
@@ -188,6 +194,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("feature_flags state: %w", err)
 	}
 	a.engine = val.(*engine)
+	minCost := eval.DefaultMinCost
+	if a.CacheMinCost != nil {
+		if *a.CacheMinCost < 0 {
+			return fmt.Errorf("cache_min_cost must not be negative")
+		}
+		minCost = int(time.Duration(*a.CacheMinCost).Nanoseconds())
+	}
+	a.engine.cache.SetMinCost(minCost)
 
 	if a.Definitions != "" {
 		// Read the file now: `caddy validate` and a reload with a broken file

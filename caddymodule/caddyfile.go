@@ -31,6 +31,7 @@ func init() {
 //			timeout <duration>
 //		}
 //		cache_size <subjects>
+//		cache_min_cost <duration>
 //		watch_interval <duration>
 //		sync_interval <duration>
 //		stale_after <duration>
@@ -71,6 +72,19 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("cache_size: want a number of subjects, got %q", d.Val())
 			}
 			a.CacheSize = &n
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "cache_min_cost":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(d.Val())
+			if err != nil || dur < 0 {
+				return d.Errf("cache_min_cost: bad duration %q", d.Val())
+			}
+			cd := caddy.Duration(dur)
+			a.CacheMinCost = &cd
 			if d.NextArg() {
 				return d.ArgErr()
 			}

@@ -89,12 +89,24 @@ func validateDefinitions(out io.Writer, path string) error {
 			kind += " (group: " + g + ")"
 		}
 		evaluable := "yes"
-		if local[f.Key] {
-			evaluable = "see below"
+		switch {
+		case f.NeverLocal() != "":
+			evaluable = "never"
+		case local[f.Key]:
+			evaluable = "partly"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", f.Key, state, kind, f.ConditionCount(), evaluable)
 	}
 	tw.Flush()
+	var never []string
+	for _, f := range defs.Flags() {
+		if why := f.NeverLocal(); why != "" {
+			never = append(never, fmt.Sprintf("  %s: %s", f.Key, why))
+		}
+	}
+	if len(never) > 0 {
+		fmt.Fprintf(out, "\nNever evaluated locally (always false and the default route here):\n%s\n", strings.Join(never, "\n"))
+	}
 	if w := defs.Warnings(); len(w) > 0 {
 		fmt.Fprintf(out, "\nCannot always be evaluated locally (such requests get false and the default route):\n")
 		for _, p := range w {

@@ -20,6 +20,8 @@ func TestValidateListsFlagsAndWhatIsNotLocal(t *testing.T) {
 	for _, want := range []string{
 		"5 flags", "rollout", "multivariate: control, test", "company-beta", "inactive", "(group: company)",
 		`(flag "continuity"): experience continuity`, `(flag "static-cohort"): cohort 77 is not in the definitions`,
+		"Never evaluated locally", "continuity: experience continuity needs PostHog's server",
+		"static-cohort: its first condition uses a static cohort (77)",
 	} {
 		if !strings.Contains(report, want) {
 			t.Errorf("report lacks %q:\n%s", want, report)

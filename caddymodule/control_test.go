@@ -64,7 +64,6 @@ func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() boo
 func postHogSite(storageDir, host string, old, nu *upstream, extra string) string {
 	return fmt.Sprintf(`{
 	%s
-	storage file_system %s
 	feature_flags {
 		posthog {
 			host %s
@@ -85,14 +84,14 @@ func postHogSite(storageDir, host string, old, nu *upstream, extra string) strin
 			default %s
 		}
 	}
-}`, globalOptions, storageDir, host, testProjectKey, testPersonalKey, extra, old.dial(), nu.dial(), nu.dial(), old.dial())
+}`, globalsWithStorage(storageDir), host, testProjectKey, testPersonalKey, extra, old.dial(), nu.dial(), nu.dial(), old.dial())
 }
 
 func TestLiveDefinitionsFromPostHog(t *testing.T) {
 	ph := posthogtest.New(testProjectKey, testPersonalKey, checkoutDefs(0))
 	defer ph.Close()
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
-	storage := t.TempDir()
+	storage := inProcessDir(t)
 	tester := caddytest.NewTester(t)
 	tester.InitServer(postHogSite(storage, ph.URL, old, nu, ""), "caddyfile")
 
@@ -154,7 +153,7 @@ func TestKillSwitchOverrideSurvivesReload(t *testing.T) {
 	ph := posthogtest.New(testProjectKey, testPersonalKey, checkoutDefs(100))
 	defer ph.Close()
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
-	storage := t.TempDir()
+	storage := inProcessDir(t)
 	tester := caddytest.NewTester(t)
 	tester.InitServer(postHogSite(storage, ph.URL, old, nu, ""), "caddyfile")
 	waitUntil(t, 5*time.Second, "definitions", func() bool { return routesTo(t, "127.0.0.1:9080", 10) == "new" })
@@ -204,7 +203,7 @@ func TestKillSwitchOverrideSurvivesReload(t *testing.T) {
 }
 
 func TestAdminAPI(t *testing.T) {
-	defsFile := filepath.Join(t.TempDir(), "flags.json")
+	defsFile := filepath.Join(inProcessDir(t), "flags.json")
 	writeFileAtomically(t, defsFile, []byte(`{"flags": [
 		{"id": 1, "key": "used", "active": true, "version": 4, "filters": {"groups": [{"properties": [{"key": "plan", "value": "pro"}]}],
 			"multivariate": {"variants": [{"key": "a", "rollout_percentage": 50}, {"key": "b", "rollout_percentage": 50}]}}},
@@ -215,7 +214,6 @@ func TestAdminAPI(t *testing.T) {
 	tester := caddytest.NewTester(t)
 	tester.InitServer(fmt.Sprintf(`{
 	%s
-	storage file_system %s
 	feature_flags {
 		definitions %s
 		stale_after 2s
@@ -232,7 +230,7 @@ func TestAdminAPI(t *testing.T) {
 			default %s
 		}
 	}
-}`, globalOptions, t.TempDir(), defsFile, old.dial(), old.dial(), old.dial()), "caddyfile")
+}`, globals(t), defsFile, old.dial(), old.dial(), old.dial()), "caddyfile")
 	const api = "http://localhost:2999/feature_flags"
 
 	for _, c := range []struct {

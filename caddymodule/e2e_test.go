@@ -143,19 +143,28 @@ func writeFileAtomically(t testing.TB, path string, data []byte) {
 	}
 }
 
-const globalOptions = `
+// globals are the global options of every in-process test config: the
+// caddytest admin port, plain HTTP, and a storage of the test's own.
+func globals(t *testing.T) string {
+	return globalsWithStorage(inProcessDir(t))
+}
+
+func globalsWithStorage(storage string) string {
+	return `
 	admin localhost:2999
 	http_port 9080
 	https_port 9443
 	grace_period 1ns
 	skip_install_trust
 	auto_https off
+	storage file_system ` + storage + `
 `
+}
 
 func TestRoutingFollowsPostHogsHash(t *testing.T) {
 	simple, simpleExpect, ids := vectors(t, "consistency_simple.json")
 	multi, multiExpect, _ := vectors(t, "consistency_multivariate.json")
-	defsFile := filepath.Join(t.TempDir(), "flags.json")
+	defsFile := filepath.Join(inProcessDir(t), "flags.json")
 	writeFileAtomically(t, defsFile, mergeFlags(t, simple, multi))
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
 
@@ -183,7 +192,7 @@ func TestRoutingFollowsPostHogsHash(t *testing.T) {
 			default %s
 		}
 	}
-}`, globalOptions, defsFile, old.dial(), nu.dial(), nu.dial(), old.dial(), old.dial(), nu.dial(), nu.dial(), old.dial()), "caddyfile")
+}`, globals(t), defsFile, old.dial(), nu.dial(), nu.dial(), old.dial(), old.dial(), nu.dial(), nu.dial(), old.dial()), "caddyfile")
 
 	byCookie := func(id string) *http.Cookie {
 		state, _ := json.Marshal(map[string]string{"distinct_id": id, "$device_id": "dev-" + id, "$user_state": "identified"})
@@ -226,7 +235,7 @@ func TestRoutingFollowsPostHogsHash(t *testing.T) {
 }
 
 func TestClientsCannotChooseTheirVariant(t *testing.T) {
-	defsFile := filepath.Join(t.TempDir(), "flags.json")
+	defsFile := filepath.Join(inProcessDir(t), "flags.json")
 	writeFileAtomically(t, defsFile, []byte(`{"flags": [
 		{"key": "off-for-all", "active": true, "filters": {"groups": [{"rollout_percentage": 0}]}}]}`))
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
@@ -245,7 +254,7 @@ func TestClientsCannotChooseTheirVariant(t *testing.T) {
 			default %s
 		}
 	}
-}`, globalOptions, defsFile, old.dial(), nu.dial(), nu.dial(), old.dial()), "caddyfile")
+}`, globals(t), defsFile, old.dial(), nu.dial(), nu.dial(), old.dial()), "caddyfile")
 
 	req, _ := http.NewRequest(http.MethodGet, "http://127.0.0.1:9080/", nil)
 	req.Header.Set("X-POSTHOG-DISTINCT-ID", "user-1")
@@ -279,7 +288,7 @@ func TestClientsCannotChooseTheirVariant(t *testing.T) {
 
 func TestAssignedIdentityKeepsItsVariant(t *testing.T) {
 	multi, _, _ := vectors(t, "consistency_multivariate.json")
-	defsFile := filepath.Join(t.TempDir(), "flags.json")
+	defsFile := filepath.Join(inProcessDir(t), "flags.json")
 	writeFileAtomically(t, defsFile, mergeFlags(t, multi))
 	old := newUpstream(t, "old")
 	tester := caddytest.NewTester(t)
@@ -292,7 +301,7 @@ func TestAssignedIdentityKeepsItsVariant(t *testing.T) {
 :9080 {
 	feature_flags
 	reverse_proxy %s
-}`, globalOptions, defsFile, old.dial()), "caddyfile")
+}`, globals(t), defsFile, old.dial()), "caddyfile")
 
 	for i := 0; i < 20; i++ {
 		resp, first := get(t, "http://127.0.0.1:9080/", nil)
@@ -335,7 +344,7 @@ func rolloutDefs(pct int) []byte {
 }
 
 func TestDefinitionsFileIsWatched(t *testing.T) {
-	defsFile := filepath.Join(t.TempDir(), "flags.json")
+	defsFile := filepath.Join(inProcessDir(t), "flags.json")
 	writeFileAtomically(t, defsFile, rolloutDefs(0))
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
 	tester := caddytest.NewTester(t)
@@ -354,7 +363,7 @@ func TestDefinitionsFileIsWatched(t *testing.T) {
 			default %s
 		}
 	}
-}`, globalOptions, defsFile, old.dial(), nu.dial(), nu.dial(), old.dial()), "caddyfile")
+}`, globals(t), defsFile, old.dial(), nu.dial(), nu.dial(), old.dial()), "caddyfile")
 
 	// Requests flow from several clients the whole time; none may fail.
 	var failures, requests atomic.Int64
@@ -493,7 +502,7 @@ func metricSum(t testing.TB, name string, want map[string]string) float64 {
 }
 
 func TestUnavailableAndUndecidedGoToDefault(t *testing.T) {
-	defsFile := filepath.Join(t.TempDir(), "flags.json")
+	defsFile := filepath.Join(inProcessDir(t), "flags.json")
 	writeFileAtomically(t, defsFile, []byte(`{"flags": [
 		{"key": "everyone", "active": true, "filters": {"groups": [{"rollout_percentage": 100}]}},
 		{"key": "needs-plan", "active": true, "filters": {"groups": [{"properties": [{"key": "plan", "value": "pro"}]}]}}]}`))
@@ -536,7 +545,7 @@ func TestUnavailableAndUndecidedGoToDefault(t *testing.T) {
 			default %s
 		}
 	}
-}`, globalOptions, defsFile, old.dial(), down, down, old.dial(), old.dial(), down, down, down, old.dial()), "caddyfile")
+}`, globals(t), defsFile, old.dial(), down, down, old.dial(), old.dial(), down, down, down, old.dial()), "caddyfile")
 
 	// The flag says "new", new is down: after the failed attempt marks it
 	// unhealthy the policy falls back to the default on retry.
@@ -563,7 +572,7 @@ func TestUnavailableAndUndecidedGoToDefault(t *testing.T) {
 
 func TestMatchersAndPlaceholders(t *testing.T) {
 	multi, multiExpect, ids := vectors(t, "consistency_multivariate.json")
-	defsFile := filepath.Join(t.TempDir(), "flags.json")
+	defsFile := filepath.Join(inProcessDir(t), "flags.json")
 	doc := mergeFlags(t, multi, []byte(`{"flags": [{"key": "with-payload", "active": true,
 		"filters": {"groups": [{"rollout_percentage": 100}], "payloads": {"true": "{\"color\": \"blue\"}"}}}]}`))
 	writeFileAtomically(t, defsFile, doc)
@@ -590,7 +599,7 @@ func TestMatchersAndPlaceholders(t *testing.T) {
 	@second feature_flag multivariate-flag second-variant
 	respond @second "matched without the directive"
 	respond "not matched"
-}`, globalOptions, defsFile), "caddyfile")
+}`, globals(t), defsFile), "caddyfile")
 
 	for _, id := range ids[:200] {
 		want := multiExpect[id]

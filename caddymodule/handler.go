@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"fmt"
 	"net/http"
+	"net/textproto"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
@@ -75,6 +77,10 @@ type Handler struct {
 	groups     []groupSource
 	selection  *eval.Selection
 	bound      *atomic.Pointer[boundSet]
+	// identity and malformed are the identity counters by source kind,
+	// resolved once.
+	identity  [proxy.SourceAssigned + 1]prometheus.Counter
+	malformed [proxy.SourceAssigned + 1]prometheus.Counter
 }
 
 // IdentitySource is one place to look for the distinct id.
@@ -92,6 +98,10 @@ type valueSource struct {
 	// placeholder, which is then read directly instead of parsed per request.
 	value string
 	key   string
+	// header is set when the placeholder is a request header: it is read from
+	// the request directly, as Caddy's replacer would, but without boxing the
+	// string into an interface (an allocation per property per request).
+	header string
 }
 
 type groupSource struct {
@@ -122,6 +132,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 func (h *Handler) setup(app *App, logger *zap.Logger) error {
 	h.app, h.logger = app, logger
 	h.bound = new(atomic.Pointer[boundSet])
+	for k := range h.identity {
+		h.identity[k] = identityTotal.WithLabelValues(proxy.SourceKind(k).String())
+		h.malformed[k] = malformedIdentityTotal.WithLabelValues(proxy.SourceKind(k).String())
+	}
 	sources := make([]proxy.Source, 0, len(h.DistinctID))
 	for _, s := range h.DistinctID {
 		src, err := s.toSource()
@@ -198,16 +212,32 @@ func valueSources(m map[string]string) []valueSource {
 	return out
 }
 
+const requestHeaderPlaceholder = "http.request.header."
+
 func newValueSource(name, value string) valueSource {
 	vs := valueSource{name: name, value: value}
 	if strings.HasPrefix(value, "{") && strings.HasSuffix(value, "}") && strings.Count(value, "{") == 1 {
 		vs.key = value[1 : len(value)-1]
+		if field, ok := strings.CutPrefix(vs.key, requestHeaderPlaceholder); ok && field != "" {
+			vs.header = textproto.CanonicalMIMEHeaderKey(field)
+		}
 	}
 	return vs
 }
 
-func (vs *valueSource) resolve(repl *caddy.Replacer) string {
-	if vs.key != "" {
+func (vs *valueSource) resolve(r *http.Request, repl *caddy.Replacer) string {
+	switch {
+	case vs.header != "":
+		// Same value as the placeholder: all the field's values, comma-joined.
+		switch vals := r.Header[vs.header]; len(vals) {
+		case 0:
+			return ""
+		case 1:
+			return vals[0]
+		default:
+			return strings.Join(vals, ",")
+		}
+	case vs.key != "":
 		v, _ := repl.GetString(vs.key)
 		return v
 	}
@@ -223,6 +253,9 @@ type boundSet struct {
 	headers  proxy.HeaderWriter
 	counters []flagCounters
 	lastSeen []*atomic.Int64
+	// metrics[i][v] are flag i's routed-request series for value index v
+	// (see eval.Results.ValueIndex).
+	metrics [][]valueMetrics
 }
 
 // bind returns the flag selection for the definitions in force.
@@ -235,11 +268,17 @@ func (h *Handler) bind(defs *eval.Definitions) *boundSet {
 	b.headers.Names = make([]string, fs.Len())
 	b.counters = make([]flagCounters, fs.Len())
 	b.lastSeen = make([]*atomic.Int64, fs.Len())
+	b.metrics = make([][]valueMetrics, fs.Len())
 	for i, key := range fs.Keys() {
 		b.index[key] = i
 		b.headers.Names[i] = proxy.FlagHeaderName(key)
-		b.counters[i] = newFlagCounters(key, fs.Values(i))
+		values := fs.Values(i)
+		b.counters[i] = newFlagCounters(key, values)
 		b.lastSeen[i] = h.app.engine.activity.cell(key)
+		b.metrics[i] = make([]valueMetrics, len(values))
+		for v, value := range values {
+			b.metrics[i][v].flag, b.metrics[i][v].value = key, value
+		}
 	}
 	h.bound.Store(b)
 	return b
@@ -252,8 +291,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if st.cookie != nil {
 		http.SetCookie(w, st.cookie)
 	}
-	proxy.StripClientHeaders(r.Header)
-	st.bound.headers.Set(r.Header, st.identity.DistinctID, st.results.Value)
+	st.bound.headers.Apply(r, st.identity.DistinctID, st.results.Value)
 	st.countEvaluations()
 
 	st.recorder.ResponseWriter = w
@@ -270,9 +308,9 @@ func (h *Handler) evaluate(r *http.Request, repl *caddy.Replacer, assign bool) *
 	st := &requestState{handler: h}
 	st.recorder.state = st
 	var malformed proxy.SourceKind
-	st.identity, malformed = h.resolver.Resolve(r, func(ph string) string { return repl.ReplaceAll(ph, "") })
+	st.identity, malformed = h.resolver.Resolve(r, repl)
 	if malformed != proxy.SourceNone {
-		malformedIdentityTotal.WithLabelValues(malformed.String()).Inc()
+		h.malformed[malformed].Inc()
 		if c := h.logger.Check(zapcore.DebugLevel, "malformed identity ignored"); c != nil {
 			c.Write(zap.String("source", malformed.String()))
 		}
@@ -285,32 +323,37 @@ func (h *Handler) evaluate(r *http.Request, repl *caddy.Replacer, assign bool) *
 			st.identity, st.cookie = id, cookie
 		}
 	}
-	identityTotal.WithLabelValues(st.identity.Source.String()).Inc()
+	h.identity[st.identity.Source].Inc()
 
 	st.subject.DistinctID = st.identity.DistinctID
 	st.subject.DeviceID = st.identity.DeviceID
-	st.subject.Person = h.properties(h.person, repl, nil)
+	if len(h.person) > 0 {
+		st.subject.Person = h.properties(h.person, r, repl, st.personInline[:0])
+	}
 	for i := range h.groups {
 		g := &h.groups[i]
-		key := g.key.resolve(repl)
+		key := g.key.resolve(r, repl)
 		if key == "" {
 			continue
 		}
-		st.subject.Groups = append(st.subject.Groups, eval.Group{Type: g.typ, Key: key, Properties: h.properties(g.props, repl, nil)})
+		if st.subject.Groups == nil {
+			st.subject.Groups = make([]eval.Group, 0, len(h.groups))
+		}
+		st.subject.Groups = append(st.subject.Groups, eval.Group{Type: g.typ, Key: key, Properties: h.properties(g.props, r, repl, nil)})
 	}
 
 	defs := h.app.engine.store.Load()
 	st.bound = h.bind(defs)
-	st.results = h.app.engine.cache.Evaluate(st.bound.fs, &st.subject)
+	h.app.engine.cache.Evaluate(st.bound.fs, &st.subject, &st.results)
 
 	caddyhttp.SetVar(r.Context(), stateVarKey, st)
 	repl.Map(st.placeholder)
 	return st
 }
 
-func (h *Handler) properties(sources []valueSource, repl *caddy.Replacer, dst eval.Properties) eval.Properties {
+func (h *Handler) properties(sources []valueSource, r *http.Request, repl *caddy.Replacer, dst eval.Properties) eval.Properties {
 	for i := range sources {
-		if v := sources[i].resolve(repl); v != "" {
+		if v := sources[i].resolve(r, repl); v != "" {
 			dst = append(dst, eval.Property{Key: sources[i].name, Value: eval.String(v)})
 		}
 	}

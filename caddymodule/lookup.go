@@ -10,21 +10,21 @@ import (
 
 // implicitHandler evaluates for matchers and selection policies on sites that do
 // not use the feature_flags directive: default identity chain, no assigned
-// cookie, no properties, every flag.
+// cookie, no properties, every flag. It is set up on first use.
 type implicitHandler struct {
 	once    sync.Once
 	handler *Handler
 	err     error
 }
 
-func (a *App) implicit() (*Handler, error) {
-	a.implicitOnce.once.Do(func() {
+func (a *App) implicitFlags() (*Handler, error) {
+	a.implicit.once.Do(func() {
 		off := false
 		h := &Handler{AssignCookie: &off}
-		a.implicitOnce.err = h.setup(a, a.logger.Named("implicit"))
-		a.implicitOnce.handler = h
+		a.implicit.err = h.setup(a, a.logger.Named("implicit"))
+		a.implicit.handler = h
 	})
-	return a.implicitOnce.handler, a.implicitOnce.err
+	return a.implicit.handler, a.implicit.err
 }
 
 // requestFlags returns the request's flag state, evaluating it with the app's
@@ -33,7 +33,7 @@ func (a *App) requestFlags(r *http.Request) *requestState {
 	if st := stateOf(r); st != nil {
 		return st
 	}
-	h, err := a.implicit()
+	h, err := a.implicitFlags()
 	if err != nil {
 		a.logger.Error("evaluating flags without a feature_flags handler", zap.Error(err))
 		return nil

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 )
 
@@ -22,13 +23,37 @@ import (
 // exactly the code under test.
 const runCaddyEnv = "FLAGSPLIT_TEST_RUN_CADDY"
 
+// inProcessRoot holds the files of configs loaded into caddytest's in-process
+// Caddy. That Caddy keeps running a test's config until the next test loads its
+// own (and writes flag activity when it stops it), so those files cannot live
+// in t.TempDir(); they are removed after Caddy stops, at the end of the run.
+var inProcessRoot string
+
 func TestMain(m *testing.M) {
 	if os.Getenv(runCaddyEnv) == "1" {
 		os.Args = append([]string{"caddy"}, os.Args[1:]...)
 		caddycmd.Main()
 		return
 	}
-	os.Exit(m.Run())
+	var err error
+	if inProcessRoot, err = os.MkdirTemp("", "flagsplit-caddymodule-"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	_ = caddy.Stop()
+	_ = os.RemoveAll(inProcessRoot)
+	os.Exit(code)
+}
+
+// inProcessDir returns a fresh directory for a config of the in-process Caddy.
+func inProcessDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp(inProcessRoot, strings.ReplaceAll(t.Name(), "/", "_")+"-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }
 
 // caddyProcess is a Caddy running as a child process.

@@ -76,8 +76,7 @@ func (m MatchFeatureFlag) MatchWithError(r *http.Request) (bool, error) {
 	if st == nil {
 		return false, nil
 	}
-	value, decided := st.lookup(m.Flag)
-	st.markRouted(m.Flag, value, decided)
+	value, _ := st.route(m.Flag)
 	if len(m.Values) == 0 {
 		return value != "false", nil
 	}

@@ -5,6 +5,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 )
 
 // Collectors are created once and registered into every config's registry, so
@@ -88,7 +89,7 @@ func registerMetrics(ctx caddy.Context) {
 		if err := reg.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {
-				ctx.Logger().Warn("registering metric", zapError(err))
+				ctx.Logger().Warn("registering metric", zap.Error(err))
 			}
 		}
 	}

@@ -119,8 +119,7 @@ func (u upstreamPool) Available(i int) bool { return u[i].Available() }
 func (p *SelectionPolicy) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
 	value, decided := "false", false
 	if st := p.app.requestFlags(r); st != nil {
-		value, decided = st.lookup(p.Flag)
-		st.markRouted(p.Flag, value, decided)
+		value, decided = st.route(p.Flag)
 	}
 	i, decision := proxy.Select(p.router, upstreamPool(pool), value, decided)
 	if decision != proxy.DecisionRoute && decision != proxy.DecisionDefault {

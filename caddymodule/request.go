@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -30,13 +31,18 @@ type requestState struct {
 	identity proxy.Identity
 	cookie   *http.Cookie
 	subject  eval.Subject
-	bound    *boundSet
-	results  eval.Results
-	recorder statusRecorder
+	// personInline holds the usual handful of person properties without an
+	// allocation of their own.
+	personInline [6]eval.Property
+	bound        *boundSet
+	results      eval.Results
+	recorder     statusRecorder
 
 	mu sync.Mutex // guards the fields below: policies may run on retries
-	// routed lists the flags a matcher or selection policy consulted.
-	routed []routedFlag
+	// routed lists the flags a matcher or selection policy consulted; the
+	// inline array holds the usual one or two without allocating.
+	routed       []routedFlag
+	routedInline [2]routedFlag
 	// extra holds flags outside the handler's selection that a matcher,
 	// policy or placeholder asked for.
 	extra map[string]eval.Result
@@ -46,6 +52,9 @@ type routedFlag struct {
 	key     string
 	value   string
 	decided bool
+	// metrics are the flag value's resolved series; nil for a flag outside
+	// the handler's selection (resolved by name then).
+	metrics *valueMetrics
 }
 
 // stateOf returns the state the handler attached to the request, or nil.
@@ -54,15 +63,21 @@ func stateOf(r *http.Request) *requestState {
 	return st
 }
 
-// lookup returns a flag's value for this request: from the handler's results
-// when the flag is in its selection, otherwise evaluated on demand (and kept).
-// decided is false for inconclusive and unknown flags.
-func (st *requestState) lookup(key string) (value string, decided bool) {
+// route returns a flag's value for this request and notes that the flag decides
+// where the request goes (matchers and selection policies call it): from the
+// handler's results when the flag is in its selection, otherwise evaluated on
+// demand (and kept). decided is false for inconclusive and unknown flags.
+func (st *requestState) route(key string) (value string, decided bool) {
+	var metrics *valueMetrics
 	if i, ok := st.bound.index[key]; ok {
-		return st.results.Value(i), !st.results.Reason(i).Inconclusive()
+		value, decided = st.results.Value(i), !st.results.Reason(i).Inconclusive()
+		metrics = &st.bound.metrics[i][st.results.ValueIndex(i)]
+	} else {
+		r := st.extraResult(key)
+		value, decided = r.Value(), !r.Inconclusive()
 	}
-	r := st.extraResult(key)
-	return r.Value(), !r.Inconclusive()
+	st.markRouted(routedFlag{key: key, value: value, decided: decided, metrics: metrics})
+	return value, decided
 }
 
 func (st *requestState) extraResult(key string) eval.Result {
@@ -79,16 +94,19 @@ func (st *requestState) extraResult(key string) eval.Result {
 	return r
 }
 
-// markRouted notes that key decided where the request went.
-func (st *requestState) markRouted(key, value string, decided bool) {
+// markRouted notes that a flag decided where the request went.
+func (st *requestState) markRouted(rf routedFlag) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	for _, r := range st.routed {
-		if r.key == key {
+		if r.key == rf.key {
 			return
 		}
 	}
-	st.routed = append(st.routed, routedFlag{key: key, value: value, decided: decided})
+	if st.routed == nil {
+		st.routed = st.routedInline[:0]
+	}
+	st.routed = append(st.routed, rf)
 }
 
 // placeholder provides {feature_flags.*}.
@@ -159,11 +177,14 @@ func (st *requestState) finish(err error, elapsed time.Duration, repl *caddy.Rep
 		status = http.StatusOK
 	}
 	upstream, _ := repl.GetString("http.reverse_proxy.upstream.hostport")
-	class := proxy.CodeClass(status)
+	class := codeClassIndex(status)
+	out := proxy.Outcome{Status: status, Duration: elapsed}
 	for _, r := range routed {
-		requestsTotal.WithLabelValues(r.key, r.value, upstream, class).Inc()
-		requestDuration.WithLabelValues(r.key, r.value).Observe(elapsed.Seconds())
-		st.handler.app.engine.outcomes.Record(r.key, r.value, proxy.Outcome{Status: status, Duration: elapsed})
+		m := r.metrics
+		if m == nil {
+			m = newValueMetrics(r.key, r.value)
+		}
+		m.record(st.handler.app.engine, upstream, class, out)
 	}
 }
 
@@ -219,4 +240,72 @@ func newFlagCounters(key string, values []string) flagCounters {
 		fc.reasons[reason].vec, fc.reasons[reason].labels = inconclusiveTotal, [2]string{key, reason.String()}
 	}
 	return fc
+}
+
+// valueMetrics are the series of one flag value for routed requests, resolved
+// once: the duration histogram, the outcome counter, and a requests counter per
+// (upstream, status class), kept in a copy-on-write list so the request path
+// only reads.
+type valueMetrics struct {
+	flag, value string
+	once        sync.Once
+	duration    prometheus.Observer
+	outcome     *proxy.VariantCounter
+	requests    atomic.Pointer[[]upstreamCounter]
+	mu          sync.Mutex // serialises additions to requests
+}
+
+type upstreamCounter struct {
+	upstream string
+	class    int
+	counter  prometheus.Counter
+}
+
+func newValueMetrics(flag, value string) *valueMetrics {
+	return &valueMetrics{flag: flag, value: value}
+}
+
+func (m *valueMetrics) record(e *engine, upstream string, class int, out proxy.Outcome) {
+	m.once.Do(func() {
+		m.duration = requestDuration.WithLabelValues(m.flag, m.value)
+		m.outcome = e.outcomes.Counter(m.flag, m.value)
+	})
+	m.requestCounter(upstream, class).Inc()
+	m.duration.Observe(out.Duration.Seconds())
+	m.outcome.Record(out)
+}
+
+func (m *valueMetrics) requestCounter(upstream string, class int) prometheus.Counter {
+	if list := m.requests.Load(); list != nil {
+		for i := range *list {
+			if c := &(*list)[i]; c.class == class && c.upstream == upstream {
+				return c.counter
+			}
+		}
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var next []upstreamCounter
+	if list := m.requests.Load(); list != nil {
+		for i := range *list {
+			if c := &(*list)[i]; c.class == class && c.upstream == upstream {
+				return c.counter
+			}
+		}
+		next = append(next, *list...)
+	}
+	c := requestsTotal.WithLabelValues(m.flag, m.value, upstream, codeClasses[class])
+	next = append(next, upstreamCounter{upstream: upstream, class: class, counter: c})
+	m.requests.Store(&next)
+	return c
+}
+
+var codeClasses = [...]string{"error", "1xx", "2xx", "3xx", "4xx", "5xx"}
+
+// codeClassIndex indexes codeClasses.
+func codeClassIndex(status int) int {
+	if status >= 100 && status < 600 {
+		return status / 100
+	}
+	return 0
 }

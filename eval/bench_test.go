@@ -148,15 +148,17 @@ func BenchmarkCacheHit(b *testing.B) {
 		b.Run(bc.name, func(b *testing.B) {
 			set := benchSet(b, fiftyFlags())
 			c := NewCache(4096)
+			c.SetMinCost(0) // cache these 50 flags (by default a set this cheap is evaluated directly)
 			subjects := make([]Subject, len(benchIDs))
+			var r Results
 			for i := range subjects {
 				subjects[i] = bc.subject(benchIDs[i])
-				c.Evaluate(set, &subjects[i])
+				c.Evaluate(set, &subjects[i], &r)
 			}
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := 0; b.Loop(); i++ {
-				c.Evaluate(set, &subjects[i&1023])
+				c.Evaluate(set, &subjects[i&1023], &r)
 			}
 			if hits, _, _ := c.Stats(); hits == 0 {
 				b.Fatal("no cache hits")

@@ -61,6 +61,9 @@ type Flag struct {
 	broken         string // non-empty: malformed definition, evaluates inconclusive
 	override       *Override
 	hasDeps        bool
+	// cost is a rough estimate of evaluating the flag, in nanoseconds, used
+	// to decide whether caching its answers pays (see FlagSet).
+	cost int
 }
 
 // Payload is the payload attached to one flag value.
@@ -226,6 +229,9 @@ func Parse(data []byte) (*Definitions, error) {
 	c.resolveDependencies()
 	c.markClockUse()
 	c.markDependencyCycles()
+	for _, f := range c.defs.flags {
+		f.cost = f.estimateCost()
+	}
 	return c.defs, nil
 }
 
@@ -1015,4 +1021,46 @@ func (flt *filter) alwaysUndecided() (server bool, why string) {
 		}
 	}
 	return false, ""
+}
+
+// estimateCost guesses what evaluating the flag takes, from what it does: a
+// hash per rollout gate and variant table, and per filter its operator's
+// typical cost (measured with this package's benchmarks). Cohort and dependency
+// filters count what they reach.
+func (f *Flag) estimateCost() int {
+	hash := 90
+	if hasFastSHA1 {
+		hash = 45
+	}
+	cost := 20
+	if len(f.variants) > 0 {
+		cost += hash
+	}
+	for _, cond := range f.conditions {
+		cost += 5
+		if cond.hasRollout && cond.rollout < 1 {
+			cost += hash
+		}
+	}
+	f.forEachFilter(func(flt *filter) {
+		switch flt.kind {
+		case filterCohort:
+			cost += 30
+		case filterFlag:
+			cost += 20 + 60*len(flt.depChain)
+		default:
+			switch flt.op {
+			case opRegex, opNotRegex:
+				cost += 120
+			case opDateBefore, opDateAfter:
+				cost += 70
+			case opSemverEq, opSemverNeq, opSemverGT, opSemverGTE, opSemverLT, opSemverLTE,
+				opSemverTilde, opSemverCaret, opSemverWildcard:
+				cost += 35
+			default:
+				cost += 20
+			}
+		}
+	})
+	return cost
 }

@@ -580,10 +580,10 @@ func checkSubject(c *checker, defs *eval.Definitions, s *eval.Subject) map[strin
 	checkResults(c, defs, s, "FlagSet(reversed)", revSet, &revRes, rev, direct)
 
 	// A cache answers the same on a miss and on the following hit.
-	cache := eval.NewCache(8)
-	miss := cache.Evaluate(set, s)
+	cache := allCache(8)
+	miss := cacheEvaluate(cache, set, s)
 	checkResults(c, defs, s, "Cache miss", set, &miss, keys, direct)
-	hit := cache.Evaluate(set, s)
+	hit := cacheEvaluate(cache, set, s)
 	checkResults(c, defs, s, "Cache hit", set, &hit, keys, direct)
 	if hits, misses, entries := cache.Stats(); hits != 1 || misses != 1 || entries != 1 {
 		c.errorf("subject %s: cache stats after a miss and a hit: hits %d misses %d entries %d", shortQuote(s.DistinctID), hits, misses, entries)
@@ -593,10 +593,10 @@ func checkSubject(c *checker, defs *eval.Definitions, s *eval.Subject) map[strin
 	later := *s
 	later.Now = s.Now.AddDate(1, 1, 0)
 	laterDirect := evaluateAll(defs, &later)
-	laterHit := cache.Evaluate(set, &later)
+	laterHit := cacheEvaluate(cache, set, &later)
 	checkResults(c, defs, &later, "Cache hit thirteen months later", set, &laterHit, keys, laterDirect)
 	// Without a cache (size 0) the answers are computed directly.
-	none := eval.NewCache(0).Evaluate(set, s)
+	none := cacheEvaluate(eval.NewCache(0), set, s)
 	checkResults(c, defs, s, "NewCache(0)", set, &none, keys, direct)
 	return direct
 }
@@ -741,16 +741,16 @@ func checkOverrides(c *checker, defs *eval.Definitions, s *eval.Subject) {
 	// Swapping definitions in a Store makes the cache answer for the new ones.
 	store := eval.NewStore()
 	sel := eval.NewSelection(nil)
-	cache := eval.NewCache(4)
+	cache := allCache(4)
 	store.Swap(defs)
-	first := cache.Evaluate(sel.For(store.Load()), s)
+	first := cacheEvaluate(cache, sel.For(store.Load()), s)
 	for i := range flags {
 		if got := first.At(i); !sameResult(got, before[i]) {
 			c.errorf("stored definitions: %s, direct %s", describe(got), describe(before[i]))
 		}
 	}
 	store.Swap(killedDefs)
-	second := cache.Evaluate(sel.For(store.Load()), s)
+	second := cacheEvaluate(cache, sel.For(store.Load()), s)
 	for i := 0; i < second.Len(); i++ {
 		if got := second.At(i); got.Enabled || got.Reason != eval.ReasonKilled {
 			c.errorf("after swapping in killed overrides the cache answered %s", describe(got))
@@ -762,7 +762,7 @@ func checkOverrides(c *checker, defs *eval.Definitions, s *eval.Subject) {
 // cache (run under -race to find data races).
 func checkConcurrent(c *checker, defs *eval.Definitions, s *eval.Subject) {
 	set := defs.FlagSet(nil)
-	cache := eval.NewCache(4)
+	cache := allCache(4)
 	want := defs.EvaluateAll(s, nil)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -771,7 +771,7 @@ func checkConcurrent(c *checker, defs *eval.Definitions, s *eval.Subject) {
 		go func() {
 			defer wg.Done()
 			for round := 0; round < 2; round++ {
-				res := cache.Evaluate(set, s)
+				res := cacheEvaluate(cache, set, s)
 				for i := 0; i < res.Len() && i < len(want); i++ {
 					if got := res.At(i); !sameResult(got, want[i]) {
 						mu.Lock()
@@ -1028,7 +1028,7 @@ func checkOperator(c *checker, op, filterValueJSON, propertyValue, distinctID st
 	// One cache for every subject: they share the distinct id, so only their
 	// properties tell their entries apart.
 	set := defs.FlagSet(nil)
-	shared := eval.NewCache(16)
+	shared := allCache(16)
 
 	// The same holds when NUL bytes move the boundary between a property's
 	// value and the next property's key.
@@ -1037,7 +1037,7 @@ func checkOperator(c *checker, op, filterValueJSON, propertyValue, distinctID st
 	nulB := &eval.Subject{DistinctID: distinctID, Now: fuzzNow, Person: eval.Properties{
 		{Key: "p", Value: eval.String(propertyValue)}, {Key: "\x00q", Value: eval.String("v")}}}
 	for _, s := range []*eval.Subject{nulA, nulB} {
-		got := shared.Evaluate(set, s)
+		got := cacheEvaluate(shared, set, s)
 		checkResults(c, defs, s, "cache shared by subjects with NUL bytes in properties", set, &got, set.Keys(), evaluateAll(defs, s))
 	}
 
@@ -1049,7 +1049,7 @@ func checkOperator(c *checker, op, filterValueJSON, propertyValue, distinctID st
 			s.Groups[0].Properties = s.Person
 		}
 		direct := checkSubject(c, defs, s)
-		sharedRes := shared.Evaluate(set, s)
+		sharedRes := cacheEvaluate(shared, set, s)
 		checkResults(c, defs, s, "cache shared by subjects with one distinct id ("+sub.name+")", set, &sharedRes, set.Keys(), direct)
 		where := func(key string) string {
 			return fmt.Sprintf("%s, flag %s (operator %q, filter value %s)", sub.name, key, op, raw)
@@ -1168,4 +1168,19 @@ func checkOperator(c *checker, op, filterValueJSON, propertyValue, distinctID st
 			c.errorf("%s: property %s against its own value: %s, want %s", where("f-all"), sub.p.Text(), describe(all), sub.expect)
 		}
 	}
+}
+
+// allCache is a cache that keeps every set's answers, however cheap the set,
+// so the fuzzers exercise the cached path.
+func allCache(size int) *eval.Cache {
+	c := eval.NewCache(size)
+	c.SetMinCost(0)
+	return c
+}
+
+// cacheEvaluate is Cache.Evaluate returning the results.
+func cacheEvaluate(c *eval.Cache, set *eval.FlagSet, s *eval.Subject) eval.Results {
+	var r eval.Results
+	c.Evaluate(set, s, &r)
+	return r
 }

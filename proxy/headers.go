@@ -65,8 +65,28 @@ type HeaderWriter struct {
 	Names []string
 }
 
-// Set writes the distinct id and one value per flag (values[i] for Names[i]).
-func (hw *HeaderWriter) Set(h http.Header, distinctID string, values func(i int) string) {
+// rebuildFrom is the number of flag headers from which Apply builds a new
+// header map of the right size instead of growing the request's map: adding
+// dozens of keys to a small map rehashes it several times.
+const rebuildFrom = 4
+
+// Apply removes every flagsplit header the client sent (see
+// StripClientHeaders) and sets the distinct id and one value per flag
+// (values(i) for Names[i]).
+func (hw *HeaderWriter) Apply(r *http.Request, distinctID string, values func(i int) string) {
+	h := r.Header
+	if len(hw.Names) >= rebuildFrom {
+		fresh := make(http.Header, len(h)+len(hw.Names)+1)
+		for name, v := range h {
+			if !isFlagsplitHeader(name) {
+				fresh[name] = v
+			}
+		}
+		h = fresh
+		r.Header = h
+	} else {
+		StripClientHeaders(h)
+	}
 	backing := make([]string, len(hw.Names)+1)
 	backing[0] = distinctID
 	h[DistinctIDHeader] = backing[0:1:1]

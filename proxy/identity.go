@@ -3,6 +3,7 @@ package proxy
 import (
 	"fmt"
 	"net/http"
+	"net/textproto"
 	"strings"
 	"time"
 
@@ -88,6 +89,13 @@ func NewResolver(sources []Source, projectKey string, assign bool) *Resolver {
 		sources = DefaultSources
 	}
 	r := &Resolver{sources: append([]Source(nil), sources...), assign: assign}
+	for i := range r.sources {
+		if r.sources[i].Kind == SourceHeader {
+			// Canonical once here, so lookups need not canonicalise (and
+			// allocate) per request.
+			r.sources[i].Name = textproto.CanonicalMIMEHeaderKey(r.sources[i].Name)
+		}
+	}
 	if projectKey != "" {
 		r.postHogCookie = PostHogCookieName(projectKey)
 		r.assignCookie = r.postHogCookie
@@ -125,22 +133,29 @@ func (r *Resolver) Assigns() bool { return r.assign }
 // AssignCookieName is the cookie assigned ids are written to.
 func (r *Resolver) AssignCookieName() string { return r.assignCookie }
 
-// Resolve returns the first id the sources yield. placeholder resolves Caddy
-// placeholders (nil when none are configured). A source whose value is present
-// but malformed is skipped and reported in malformed (the last one seen), so
-// the caller can log it; a malformed value never fails the request.
-func (r *Resolver) Resolve(req *http.Request, placeholder func(string) string) (id Identity, malformed SourceKind) {
+// Placeholders expands placeholders in a string; *caddy.Replacer is one.
+type Placeholders interface {
+	ReplaceAll(input, empty string) string
+}
+
+// Resolve returns the first id the sources yield. placeholders expands
+// placeholder sources (nil when none are configured). A source whose value is
+// present but malformed is skipped and reported in malformed (the last one
+// seen), so the caller can log it; a malformed value never fails the request.
+func (r *Resolver) Resolve(req *http.Request, placeholders Placeholders) (id Identity, malformed SourceKind) {
 	for _, src := range r.sources {
 		var value string
 		switch src.Kind {
 		case SourceHeader:
-			value = strings.TrimSpace(req.Header.Get(src.Name))
+			if vals := req.Header[src.Name]; len(vals) > 0 {
+				value = strings.TrimSpace(vals[0])
+			}
 		case SourceCookie:
 			value, _ = findCookie(req.Header, src.Name)
 			value = strings.TrimSpace(value)
 		case SourcePlaceholder:
-			if placeholder != nil {
-				value = strings.TrimSpace(placeholder(src.Name))
+			if placeholders != nil {
+				value = strings.TrimSpace(placeholders.ReplaceAll(src.Name, ""))
 			}
 		case SourcePostHogCookie:
 			raw, ok := r.postHogCookieValue(req.Header)

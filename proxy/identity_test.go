@@ -162,12 +162,12 @@ func TestResolverTriesSourcesInOrder(t *testing.T) {
 		{Kind: SourcePlaceholder, Name: "{http.auth.user.id}"},
 		{Kind: SourceCookie, Name: "uid"},
 	}, "", false)
-	id, _ = custom.Resolve(newRequest(nil, &http.Cookie{Name: "uid", Value: `"user-7"`}), func(ph string) string {
+	id, _ = custom.Resolve(newRequest(nil, &http.Cookie{Name: "uid", Value: `"user-7"`}), placeholderFunc(func(ph string) string {
 		if ph != "{http.auth.user.id}" {
 			t.Errorf("placeholder %q", ph)
 		}
 		return ""
-	})
+	}))
 	if id.DistinctID != "user-7" || id.Source != SourceCookie {
 		t.Errorf("custom chain: %+v", id)
 	}
@@ -247,3 +247,7 @@ func TestURIComponentRoundTrip(t *testing.T) {
 		t.Error("unreserved characters must stay")
 	}
 }
+
+type placeholderFunc func(string) string
+
+func (f placeholderFunc) ReplaceAll(input, _ string) string { return f(input) }

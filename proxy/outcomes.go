@@ -45,20 +45,16 @@ type Outcomes struct {
 
 type variantKey struct{ flag, variant string }
 
-type variantCounts struct {
+// VariantCounter holds one flag value's counts. Callers that record often keep
+// it instead of looking it up by name each time.
+type VariantCounter struct {
 	requests atomic.Uint64
 	errors   atomic.Uint64
 	nanos    atomic.Uint64
 }
 
 // Record adds one request's outcome.
-func (o *Outcomes) Record(flag, variant string, out Outcome) {
-	k := variantKey{flag, variant}
-	v, ok := o.m.Load(k)
-	if !ok {
-		v, _ = o.m.LoadOrStore(k, &variantCounts{})
-	}
-	c := v.(*variantCounts)
+func (c *VariantCounter) Record(out Outcome) {
 	c.requests.Add(1)
 	if out.Failed() {
 		c.errors.Add(1)
@@ -66,6 +62,21 @@ func (o *Outcomes) Record(flag, variant string, out Outcome) {
 	if out.Duration > 0 {
 		c.nanos.Add(uint64(out.Duration))
 	}
+}
+
+// Counter returns the counter for a flag value, creating it on first use.
+func (o *Outcomes) Counter(flag, variant string) *VariantCounter {
+	k := variantKey{flag, variant}
+	v, ok := o.m.Load(k)
+	if !ok {
+		v, _ = o.m.LoadOrStore(k, &VariantCounter{})
+	}
+	return v.(*VariantCounter)
+}
+
+// Record adds one request's outcome for a flag value.
+func (o *Outcomes) Record(flag, variant string, out Outcome) {
+	o.Counter(flag, variant).Record(out)
 }
 
 // VariantStats are the counts for one flag value.
@@ -81,7 +92,7 @@ type VariantStats struct {
 func (o *Outcomes) Snapshot() []VariantStats {
 	var out []VariantStats
 	o.m.Range(func(key, value any) bool {
-		k, c := key.(variantKey), value.(*variantCounts)
+		k, c := key.(variantKey), value.(*VariantCounter)
 		s := VariantStats{Flag: k.flag, Variant: k.variant, Requests: c.requests.Load(), Errors: c.errors.Load()}
 		if s.Requests > 0 {
 			s.MeanLatencyMS = float64(c.nanos.Load()) / float64(s.Requests) / 1e6

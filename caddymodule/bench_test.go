@@ -1,0 +1,159 @@
+package caddymodule
+
+import (
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+
+	"github.com/flagsplit/flagsplit/eval"
+	"github.com/flagsplit/flagsplit/proxy"
+)
+
+// Benchmarks of the handler alone: no network, no Caddy server, one request
+// through the feature_flags handler and the feature_flag selection policy.
+//
+//	go test -run '^$' -bench Handler -benchmem ./caddymodule/
+//
+// Each iteration also pays for what Caddy's server does for every request
+// (building the request context, replacer and vars); BenchmarkHandler/caddy-setup
+// measures that part alone, so the handler's own cost is the difference.
+
+// benchDefinitions returns n flags: a rollout, a multivariate flag, then flags
+// with property filters, repeated.
+func benchDefinitions(n int) []byte {
+	var flags []string
+	for i := 0; i < n; i++ {
+		key := "flag-" + strconv.Itoa(i)
+		var filters string
+		switch i % 5 {
+		case 0:
+			filters = `{"groups": [{"rollout_percentage": 45}]}`
+		case 1:
+			filters = `{"groups": [{"rollout_percentage": 100}], "multivariate": {"variants": [
+				{"key": "control", "rollout_percentage": 50}, {"key": "b", "rollout_percentage": 25}, {"key": "c", "rollout_percentage": 25}]}}`
+		case 2:
+			filters = `{"groups": [{"properties": [{"key": "plan", "value": ["pro", "enterprise"]}], "rollout_percentage": 50}]}`
+		case 3:
+			filters = `{"groups": [{"properties": [{"key": "country", "operator": "is_not", "value": "FR"}, {"key": "orders", "operator": "gte", "value": 5}]}]}`
+		case 4:
+			filters = `{"groups": [{"properties": [{"key": "app_version", "operator": "semver_gte", "value": "2.0.0"}], "rollout_percentage": 80}]}`
+		}
+		flags = append(flags, fmt.Sprintf(`{"id": %d, "key": %q, "active": true, "filters": %s}`, i+1, key, filters))
+	}
+	return []byte(`{"flags": [` + strings.Join(flags, ",") + `]}`)
+}
+
+// newTestApp builds an app serving defs without a Caddy config.
+func newTestApp(t testing.TB, defs []byte, cacheSize int) *App {
+	t.Helper()
+	d, err := eval.Parse(defs)
+	if err != nil || len(d.Problems()) > 0 {
+		t.Fatalf("definitions: %v %v", err, d.Problems())
+	}
+	app := &App{CacheSize: &cacheSize, logger: zap.NewNop(), implicit: new(implicitHandler), wg: new(sync.WaitGroup)}
+	app.engine = newEngine(cacheSize)
+	app.engine.mu.Lock()
+	app.engine.install(d, sourceInfo{Kind: "test"})
+	app.engine.mu.Unlock()
+	return app
+}
+
+func newTestHandler(t testing.TB, app *App) *Handler {
+	t.Helper()
+	h := &Handler{PersonProperties: map[string]string{
+		"plan":        "{http.request.header.X-Plan}",
+		"country":     "{http.request.header.X-Country}",
+		"orders":      "{http.request.header.X-Orders}",
+		"app_version": "{http.request.header.X-App-Version}",
+	}}
+	if err := h.setup(app, zap.NewNop()); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+func newTestPolicy(t testing.TB, app *App, flag string) *SelectionPolicy {
+	t.Helper()
+	p := &SelectionPolicy{Flag: flag, Routes: map[string]string{"true": "new:8080", "b": "new:8080"}, Default: "old:8080"}
+	router, err := proxy.NewRouter(p.Routes, p.Default)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.router, p.app, p.logger = router, app, zap.NewNop()
+	return p
+}
+
+// discardWriter is a ResponseWriter that keeps nothing, reused across iterations.
+type discardWriter struct{ h http.Header }
+
+func (d *discardWriter) Header() http.Header         { return d.h }
+func (d *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (d *discardWriter) WriteHeader(int)             {}
+
+var benchServer = new(caddyhttp.Server)
+
+// prepare builds a request the way Caddy's server does before the handler chain.
+func prepare(w http.ResponseWriter, id string) *http.Request {
+	r := httptest.NewRequest(http.MethodGet, "http://shop.example.com/checkout", nil)
+	r.Header.Set("X-POSTHOG-DISTINCT-ID", id)
+	r.Header.Set("X-Plan", "pro")
+	r.Header.Set("X-Country", "US")
+	r.Header.Set("X-Orders", "12")
+	r.Header.Set("X-App-Version", "2.3.1")
+	return caddyhttp.PrepareRequest(r, caddy.NewReplacer(), w, benchServer)
+}
+
+func BenchmarkHandler(b *testing.B) {
+	ids := make([]string, 4096)
+	for i := range ids {
+		ids[i] = "user-" + strconv.Itoa(100000+i)
+	}
+	pool := reverseproxy.UpstreamPool{{Dial: "old:8080"}, {Dial: "new:8080"}}
+	w := &discardWriter{h: http.Header{}}
+
+	b.Run("caddy-setup", func(b *testing.B) {
+		next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error { return nil })
+		b.ReportAllocs()
+		for i := 0; b.Loop(); i++ {
+			r := prepare(w, ids[i&4095])
+			_ = next.ServeHTTP(w, r)
+		}
+	})
+	for _, n := range []int{1, 5, 50} {
+		b.Run(fmt.Sprintf("flags-%d", n), func(b *testing.B) {
+			app := newTestApp(b, benchDefinitions(n), DefaultCacheSize)
+			h := newTestHandler(b, app)
+			p := newTestPolicy(b, app, "flag-0")
+			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				if p.Select(pool, r, w) == nil {
+					return fmt.Errorf("no upstream")
+				}
+				w.WriteHeader(http.StatusOK)
+				return nil
+			})
+			// Steady state: every visitor has been seen once (cached).
+			for _, id := range ids {
+				if err := h.ServeHTTP(w, prepare(w, id), next); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; b.Loop(); i++ {
+				r := prepare(w, ids[i&4095])
+				if err := h.ServeHTTP(w, r, next); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
