@@ -208,6 +208,7 @@ type adminStatus struct {
 	FlagCount  int                      `json:"flag_count"`
 	Generation uint64                   `json:"generation"`
 	Cache      cacheStatus              `json:"cache"`
+	Events     *eventsStatus            `json:"events,omitempty"`
 	StaleAfter string                   `json:"stale_after"`
 	StaleFlags []string                 `json:"stale_flags"`
 	Overrides  map[string]eval.Override `json:"overrides"`
@@ -248,6 +249,7 @@ func (a *App) status(now time.Time) adminStatus {
 	st.FlagCount, st.Generation = defs.Len(), defs.Generation()
 	hits, misses, entries := e.cache.Stats()
 	st.Cache = cacheStatus{Size: *a.CacheSize, Entries: entries, Hits: hits, Misses: misses}
+	st.Events = a.eventsStatus()
 	staleAfter := time.Duration(a.StaleAfter)
 	st.StaleAfter = staleAfter.String()
 	st.StaleFlags = []string{}

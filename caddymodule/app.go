@@ -85,6 +85,11 @@ type App struct {
 	cancel    context.CancelFunc
 	wg        *sync.WaitGroup
 	implicit  *implicitHandler
+	// events is the exposure-event pipe when the posthog block enables
+	// events; eventsAll reports every evaluated flag, not only routing ones.
+	events    *eventPipe
+	eventsKey string
+	eventsAll bool
 }
 
 // CaddyModule returns the Caddy module information.
@@ -238,6 +243,7 @@ func (a *App) Start() error {
 	a.loadActivity(ctx)
 	if a.PostHog != nil {
 		a.startPostHog(ctx)
+		a.startEvents(ctx)
 	} else if a.Definitions != "" {
 		a.goEvery(ctx, time.Duration(a.WatchInterval), a.checkFile)
 	}
@@ -268,12 +274,14 @@ func (a *App) goEvery(ctx context.Context, interval time.Duration, f func(contex
 	}()
 }
 
-// Stop stops the background work and saves flag activity.
+// Stop stops the background work, sends the queued exposure events and saves
+// flag activity.
 func (a *App) Stop() error {
 	if a.cancel != nil {
 		a.cancel()
 	}
 	a.wg.Wait()
+	a.flushEvents()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	a.storeActivity(ctx)
@@ -285,11 +293,13 @@ func (a *App) Cleanup() error {
 	if a.cancel != nil {
 		a.cancel()
 	}
+	err := a.cleanupEvents()
 	if a.engineKey != "" {
-		_, err := engines.Delete(a.engineKey)
-		return err
+		if _, e := engines.Delete(a.engineKey); e != nil {
+			err = errors.Join(err, e)
+		}
 	}
-	return nil
+	return err
 }
 
 // ProjectAPIKey is the PostHog project key, which names the posthog-js cookie.

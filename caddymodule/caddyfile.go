@@ -29,6 +29,12 @@ func init() {
 //			personal_api_key <key>
 //			poll_interval <duration>
 //			timeout <duration>
+//			events on|off|all {
+//				dedup_window <duration>
+//				queue_size <events>
+//				batch_size <events>
+//				flush_interval <duration>
+//			}
 //		}
 //		cache_size <subjects>
 //		cache_min_cost <duration>
@@ -134,6 +140,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					if err := parseDuration(d, &a.PostHog.Timeout); err != nil {
 						return err
 					}
+				case "events":
+					ev, err := parseEvents(d)
+					if err != nil {
+						return err
+					}
+					a.PostHog.Events = ev
 				default:
 					return d.Errf("unrecognized posthog option %q", opt)
 				}
@@ -143,6 +155,54 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// parseEvents reads `events on|off|all [{ dedup_window <d>; queue_size <n>;
+// batch_size <n>; flush_interval <d> }]`.
+func parseEvents(d *caddyfile.Dispenser) (*EventsConfig, error) {
+	ev := new(EventsConfig)
+	if !d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	switch ev.Mode = d.Val(); ev.Mode {
+	case EventsOn, EventsOff, EventsAll:
+	default:
+		return nil, d.Errf("events: want on, off or all, got %q", ev.Mode)
+	}
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch opt := d.Val(); opt {
+		case "dedup_window":
+			if err := parseDuration(d, &ev.DedupWindow); err != nil {
+				return nil, err
+			}
+		case "flush_interval":
+			if err := parseDuration(d, &ev.FlushInterval); err != nil {
+				return nil, err
+			}
+		case "queue_size", "batch_size":
+			if !d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			n, err := strconv.Atoi(d.Val())
+			if err != nil || n <= 0 {
+				return nil, d.Errf("events %s: want a positive number, got %q", opt, d.Val())
+			}
+			if opt == "queue_size" {
+				ev.QueueSize = n
+			} else {
+				ev.BatchSize = n
+			}
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+		default:
+			return nil, d.Errf("unrecognized events option %q", opt)
+		}
+	}
+	return ev, nil
 }
 
 // parseDuration reads one positive duration argument.

@@ -293,6 +293,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	st.bound.headers.Apply(r, st.identity.DistinctID, st.results.Value)
 	st.countEvaluations()
+	if h.app.eventsAll {
+		st.exposeAll()
+	}
 
 	st.recorder.ResponseWriter = w
 	start := time.Now()

@@ -67,6 +67,16 @@ var (
 		Help: "Requests by where their distinct id came from (header, posthog_cookie, cookie, placeholder, assigned, none).",
 	}, []string{"source"})
 
+	eventsSent = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "events_sent_total",
+		Help: "Exposure events ($feature_flag_called) delivered to PostHog.",
+	})
+
+	eventsDropped = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "events_dropped_total",
+		Help: "Exposure events given up: queue full, refused by PostHog, or retries exhausted.",
+	})
+
 	malformedIdentityTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "malformed_identity_total",
 		Help: "Identity sources present but malformed (ignored), by source.",
@@ -76,7 +86,7 @@ var (
 var collectors = []prometheus.Collector{
 	evaluationsTotal, inconclusiveTotal, requestsTotal, requestDuration,
 	definitionsLastSuccess, definitionsErrors, definitionsFlags, definitionsReady, overridesActive,
-	identityTotal, malformedIdentityTotal,
+	identityTotal, malformedIdentityTotal, eventsSent, eventsDropped,
 }
 
 // registerMetrics adds the collectors to this config's registry.

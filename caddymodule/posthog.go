@@ -31,6 +31,8 @@ type PostHogConfig struct {
 	PollInterval caddy.Duration `json:"poll_interval,omitempty"`
 	// Timeout bounds each request to PostHog. Default: 10s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// Events, when enabled, sends $feature_flag_called exposure events.
+	Events *EventsConfig `json:"events,omitempty"`
 }
 
 // minPollInterval is posthog-node's floor. Each poll is billed like ten /flags
@@ -80,12 +82,12 @@ func (a *App) provisionPostHog() error {
 		p.Timeout = caddy.Duration(posthog.DefaultTimeout)
 	}
 	client := &posthog.Client{Host: p.Host, ProjectAPIKey: p.ProjectAPIKey, PersonalAPIKey: p.PersonalAPIKey,
-		Timeout: time.Duration(p.Timeout), UserAgent: "flagsplit (caddy " + caddyVersion() + ")"}
+		Timeout: time.Duration(p.Timeout), UserAgent: userAgent()}
 	if _, err := client.DefinitionsURL(); err != nil {
 		return err
 	}
 	a.poller = &posthog.Poller{Client: client, Interval: time.Duration(p.PollInterval)}
-	return nil
+	return a.provisionEvents(a.logger.Named("events"))
 }
 
 // startPostHog serves the last-known-good copy until PostHog answers, then

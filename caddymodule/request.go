@@ -69,14 +69,23 @@ func stateOf(r *http.Request) *requestState {
 // demand (and kept). decided is false for inconclusive and unknown flags.
 func (st *requestState) route(key string) (value string, decided bool) {
 	var metrics *valueMetrics
-	if i, ok := st.bound.index[key]; ok {
+	i, selected := st.bound.index[key]
+	var extra eval.Result
+	if selected {
 		value, decided = st.results.Value(i), !st.results.Reason(i).Inconclusive()
 		metrics = &st.bound.metrics[i][st.results.ValueIndex(i)]
 	} else {
-		r := st.extraResult(key)
-		value, decided = r.Value(), !r.Inconclusive()
+		extra = st.extraResult(key)
+		value, decided = extra.Value(), !extra.Inconclusive()
 	}
-	st.markRouted(routedFlag{key: key, value: value, decided: decided, metrics: metrics})
+	if st.markRouted(routedFlag{key: key, value: value, decided: decided, metrics: metrics}) && decided &&
+		st.handler.app.events != nil {
+		if selected {
+			st.expose(st.results.At(i))
+		} else {
+			st.expose(extra)
+		}
+	}
 	return value, decided
 }
 
@@ -94,19 +103,21 @@ func (st *requestState) extraResult(key string) eval.Result {
 	return r
 }
 
-// markRouted notes that a flag decided where the request went.
-func (st *requestState) markRouted(rf routedFlag) {
+// markRouted notes that a flag decided where the request went, and reports
+// whether this is the first time for this request.
+func (st *requestState) markRouted(rf routedFlag) bool {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	for _, r := range st.routed {
 		if r.key == rf.key {
-			return
+			return false
 		}
 	}
 	if st.routed == nil {
 		st.routed = st.routedInline[:0]
 	}
 	st.routed = append(st.routed, rf)
+	return true
 }
 
 // placeholder provides {feature_flags.*}.

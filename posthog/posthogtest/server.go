@@ -1,11 +1,15 @@
 // Package posthogtest provides a stand-in PostHog server for tests: it serves
 // /flags/definitions with the real endpoint's shapes, status codes and weak
-// ETags, and can be told to fail, stall or run out of quota.
+// ETags, accepts events on /batch/ (gzip or plain JSON), and can be told to
+// fail, stall or run out of quota.
 package posthogtest
 
 import (
+	"compress/gzip"
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"sync"
@@ -28,6 +32,21 @@ type Server struct {
 
 	served      atomic.Int64 // 200s
 	notModified atomic.Int64 // 304s
+
+	batchStatus   int // forced status for /batch/, 0 = accept
+	batchAttempts atomic.Int64
+	events        []CapturedEvent
+	batches       int
+}
+
+// CapturedEvent is an event received on /batch/.
+type CapturedEvent struct {
+	APIKey     string         `json:"-"`
+	Event      string         `json:"event"`
+	DistinctID string         `json:"distinct_id"`
+	Properties map[string]any `json:"properties"`
+	Timestamp  string         `json:"timestamp"`
+	UUID       string         `json:"uuid"`
 }
 
 // Request is what the server saw of one request.
@@ -91,7 +110,65 @@ func (s *Server) Requests() []Request {
 func (s *Server) Served() int64      { return s.served.Load() }
 func (s *Server) NotModified() int64 { return s.notModified.Load() }
 
+// FailBatchesWith makes /batch/ answer status (0 accepts again).
+func (s *Server) FailBatchesWith(status int) {
+	s.mu.Lock()
+	s.batchStatus = status
+	s.mu.Unlock()
+}
+
+// Events returns the events received so far, and how many batches carried them.
+func (s *Server) Events() ([]CapturedEvent, int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]CapturedEvent(nil), s.events...), s.batches
+}
+
+// BatchAttempts returns how many /batch/ requests arrived, accepted or not.
+func (s *Server) BatchAttempts() int64 { return s.batchAttempts.Load() }
+
+func (s *Server) serveBatch(w http.ResponseWriter, r *http.Request) {
+	s.batchAttempts.Add(1)
+	s.mu.Lock()
+	forced := s.batchStatus
+	s.mu.Unlock()
+	if forced != 0 {
+		w.WriteHeader(forced)
+		fmt.Fprintf(w, `{"type":"server_error","detail":"forced %d"}`, forced)
+		return
+	}
+	var body io.Reader = r.Body
+	if r.Header.Get("Content-Encoding") == "gzip" {
+		zr, err := gzip.NewReader(r.Body)
+		if err != nil {
+			http.Error(w, `{"detail":"bad gzip"}`, http.StatusBadRequest)
+			return
+		}
+		body = zr
+	}
+	var payload struct {
+		APIKey string          `json:"api_key"`
+		Batch  []CapturedEvent `json:"batch"`
+	}
+	if err := json.NewDecoder(body).Decode(&payload); err != nil || payload.APIKey != s.ProjectAPIKey {
+		http.Error(w, `{"detail":"bad batch or api_key"}`, http.StatusBadRequest)
+		return
+	}
+	s.mu.Lock()
+	for _, e := range payload.Batch {
+		e.APIKey = payload.APIKey
+		s.events = append(s.events, e)
+	}
+	s.batches++
+	s.mu.Unlock()
+	fmt.Fprint(w, `{"status":"Ok"}`)
+}
+
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/batch/" && r.Method == http.MethodPost {
+		s.serveBatch(w, r)
+		return
+	}
 	s.mu.Lock()
 	body, etag, forced, delay := s.body, s.etag, s.status, s.delay
 	s.mu.Unlock()
