@@ -61,7 +61,10 @@ func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() boo
 	}
 }
 
-func postHogSite(storageDir, host string, old, nu *upstream, extra string) string {
+// postHogSite is a Caddyfile polling definitions from the PostHog at host and
+// routing by checkout between old and new; posthogExtra goes into the posthog
+// block, siteExtra into the site.
+func postHogSite(storageDir, host string, old, nu *upstream, posthogExtra, siteExtra string) string {
 	return fmt.Sprintf(`{
 	%s
 	feature_flags {
@@ -71,6 +74,7 @@ func postHogSite(storageDir, host string, old, nu *upstream, extra string) strin
 			personal_api_key %s
 			poll_interval 100ms
 			timeout 300ms
+			%s
 		}
 		sync_interval 100ms
 	}
@@ -84,7 +88,8 @@ func postHogSite(storageDir, host string, old, nu *upstream, extra string) strin
 			default %s
 		}
 	}
-}`, globalsWithStorage(storageDir), host, testProjectKey, testPersonalKey, extra, old.dial(), nu.dial(), nu.dial(), old.dial())
+}`, globalsWithStorage(storageDir), host, testProjectKey, testPersonalKey, posthogExtra, siteExtra,
+		old.dial(), nu.dial(), nu.dial(), old.dial())
 }
 
 func TestLiveDefinitionsFromPostHog(t *testing.T) {
@@ -93,7 +98,7 @@ func TestLiveDefinitionsFromPostHog(t *testing.T) {
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
 	storage := inProcessDir(t)
 	tester := caddytest.NewTester(t)
-	tester.InitServer(postHogSite(storage, ph.URL, old, nu, ""), "caddyfile")
+	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "", ""), "caddyfile")
 
 	waitUntil(t, 5*time.Second, "the first definitions", func() bool { return routesTo(t, "127.0.0.1:9080", 20) == "old" })
 	ph.SetDefinitions(checkoutDefs(100))
@@ -155,7 +160,7 @@ func TestKillSwitchOverrideSurvivesReload(t *testing.T) {
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
 	storage := inProcessDir(t)
 	tester := caddytest.NewTester(t)
-	tester.InitServer(postHogSite(storage, ph.URL, old, nu, ""), "caddyfile")
+	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "", ""), "caddyfile")
 	waitUntil(t, 5*time.Second, "definitions", func() bool { return routesTo(t, "127.0.0.1:9080", 10) == "new" })
 
 	code, body := adminDo(t, http.MethodPut, "http://localhost:2999/feature_flags/overrides/checkout", `{"killed": true}`)
@@ -167,7 +172,7 @@ func TestKillSwitchOverrideSurvivesReload(t *testing.T) {
 		t.Fatalf("after the kill switch: %s", got)
 	}
 	// A config reload (a different config, so Caddy really reloads) keeps it.
-	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "header X-Reloaded yes"), "caddyfile")
+	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "", "header X-Reloaded yes"), "caddyfile")
 	resp, _ := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": "x"})
 	if resp.Header.Get("X-Reloaded") != "yes" {
 		t.Fatal("the new config is not running")

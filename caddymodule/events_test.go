@@ -20,35 +20,14 @@ func eventsDefs(t *testing.T) []byte {
 		"rollout_percentage": 100}]}}]}`))
 }
 
+// eventsSite is postHogSite with exposure events in mode, and matchers on
+// hero and on the flag that is never decided.
 func eventsSite(storage, host, mode string, old, nu *upstream) string {
-	return fmt.Sprintf(`{
-	%s
-	feature_flags {
-		posthog {
-			host %s
-			project_api_key %s
-			personal_api_key %s
-			poll_interval 1m
-			events %s {
-				flush_interval 50ms
-				batch_size 50
-			}
-		}
-	}
-}
-:9080 {
-	feature_flags
+	return postHogSite(storage, host, old, nu, "events "+mode+" {\n flush_interval 50ms\n batch_size 50\n}", `
 	@hero_test feature_flag hero test
 	@plan feature_flag needs-plan
 	header @hero_test X-Hero test
-	header @plan X-Plan yes
-	reverse_proxy %s %s {
-		lb_policy feature_flag checkout {
-			true %s
-			default %s
-		}
-	}
-}`, globalsWithStorage(storage), host, testProjectKey, testPersonalKey, mode, old.dial(), nu.dial(), nu.dial(), old.dial())
+	header @plan X-Plan yes`)
 }
 
 // TestExposureEventsReachPostHog sends requests through a real Caddy and checks
@@ -193,32 +172,8 @@ func TestExposureEventsFlushedOnReload(t *testing.T) {
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
 	storage := inProcessDir(t)
 	tester := caddytest.NewTester(t)
-	slow := func() string {
-		return fmt.Sprintf(`{
-	%s
-	feature_flags {
-		posthog {
-			host %s
-			project_api_key %s
-			personal_api_key %s
-			events on {
-				flush_interval 1h
-				batch_size 1000
-			}
-		}
-	}
-}
-:9080 {
-	feature_flags
-	reverse_proxy %s %s {
-		lb_policy feature_flag checkout {
-			true %s
-			default %s
-		}
-	}
-}`, globalsWithStorage(storage), ph.URL, testProjectKey, testPersonalKey, old.dial(), nu.dial(), nu.dial(), old.dial())
-	}
-	tester.InitServer(slow(), "caddyfile")
+	// Events wait for a full batch of 1000 or an hour: only a flush sends them.
+	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "events on {\n flush_interval 1h\n batch_size 1000\n}", ""), "caddyfile")
 	waitUntil(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
 	for i := 0; i < 20; i++ {
 		get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("flushed-%d", i)})
@@ -228,19 +183,7 @@ func TestExposureEventsFlushedOnReload(t *testing.T) {
 		t.Fatalf("%d events sent before the batch filled or the interval passed", len(events))
 	}
 	// A reload to a config without events stops the old app, which flushes.
-	tester.InitServer(fmt.Sprintf(`{
-	%s
-	feature_flags {
-		posthog {
-			host %s
-			project_api_key %s
-			personal_api_key %s
-		}
-	}
-}
-:9080 {
-	respond "no events"
-}`, globalsWithStorage(storage), ph.URL, testProjectKey, testPersonalKey), "caddyfile")
+	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "", ""), "caddyfile")
 	waitUntil(t, 5*time.Second, "the flush", func() bool {
 		events, _ := ph.Events()
 		return len(events) == 20
