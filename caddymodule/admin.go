@@ -15,6 +15,7 @@ import (
 
 	"github.com/flagsplit/flagsplit/eval"
 	"github.com/flagsplit/flagsplit/proxy"
+	"github.com/flagsplit/flagsplit/rollout"
 )
 
 func init() {
@@ -29,6 +30,8 @@ func init() {
 //	PUT    /feature_flags/overrides/<flag>    {"killed": true} | {"rollout_percentage": 25} | {"variant": "control"}
 //	DELETE /feature_flags/overrides/<flag>
 //	POST   /feature_flags/refresh             fetch definitions now
+//	GET    /feature_flags/rollouts            every rollout's state
+//	GET    /feature_flags/rollouts/<flag>
 //	POST   /feature_flags/rollouts/<flag>/{pause,resume,promote,abort}
 type AdminAPI struct{}
 
@@ -98,6 +101,20 @@ func serveAdmin(w http.ResponseWriter, r *http.Request) error {
 		return writeJSON(w, http.StatusOK, nonNil(app.engine.overridesSnapshot()))
 	case parts[0] == "overrides" && len(parts) == 2 && parts[1] != "":
 		return app.serveOverride(w, r, parts[1])
+	case path == "rollouts":
+		if err := allow(r, http.MethodGet); err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusOK, app.rolloutStatuses())
+	case parts[0] == "rollouts" && len(parts) == 2 && parts[1] != "":
+		if err := allow(r, http.MethodGet); err != nil {
+			return err
+		}
+		run := app.engine.rolloutRun(parts[1])
+		if run == nil {
+			return apiError(http.StatusNotFound, "no rollout is configured for flag %q", parts[1])
+		}
+		return writeJSON(w, http.StatusOK, app.rolloutStatus(run))
 	case parts[0] == "rollouts" && len(parts) == 3:
 		if err := allow(r, http.MethodPost); err != nil {
 			return err
@@ -180,7 +197,16 @@ func (a *App) serveOverride(w http.ResponseWriter, r *http.Request, key string) 
 }
 
 func (a *App) serveRolloutAction(w http.ResponseWriter, r *http.Request, key, action string) error {
-	return apiError(http.StatusNotFound, "no rollout is configured for flag %q", key)
+	if _, err := a.rolloutAction(r.Context(), key, action); err != nil {
+		switch {
+		case errors.Is(err, errNoRollout):
+			return apiError(http.StatusNotFound, "no rollout is configured for flag %q", key)
+		case errors.Is(err, rollout.ErrInvalidTransition):
+			return apiError(http.StatusConflict, "%v", err)
+		}
+		return apiError(http.StatusServiceUnavailable, "%v", err)
+	}
+	return writeJSON(w, http.StatusOK, a.rolloutStatus(a.engine.rolloutRun(key)))
 }
 
 // serveEvaluate answers what this proxy would answer for a subject, with reasons.
@@ -229,7 +255,7 @@ type flagStatus struct {
 	Active       bool                 `json:"active"`
 	Variants     []string             `json:"variants,omitempty"`
 	Override     *eval.Override       `json:"override,omitempty"`
-	Rollout      any                  `json:"rollout"`
+	Rollout      *rolloutStatus       `json:"rollout,omitempty"`
 	Local        string               `json:"local"`
 	LocalDetail  []string             `json:"local_detail,omitempty"`
 	Activity     flagActivity         `json:"activity"`
@@ -270,6 +296,10 @@ func (a *App) status(now time.Time) adminStatus {
 			fs.Local, fs.LocalDetail = "never", []string{never}
 		case len(warnings[f.Key]) > 0:
 			fs.Local, fs.LocalDetail = "partly", warnings[f.Key]
+		}
+		if run := e.rolloutRun(f.Key); run != nil {
+			rs := a.rolloutStatus(run)
+			fs.Rollout = &rs
 		}
 		fs.Activity = e.activity.status(f.Key, now, staleAfter)
 		if fs.Activity.Stale {

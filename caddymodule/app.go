@@ -12,9 +12,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 
@@ -77,14 +79,21 @@ type App struct {
 	// admin API lists it as stale. Default: 720h (30 days).
 	StaleAfter caddy.Duration `json:"stale_after,omitempty"`
 
-	engine    *engine
-	engineKey string
-	logger    *zap.Logger
-	storage   certmagic.Storage
-	poller    *posthog.Poller
-	cancel    context.CancelFunc
-	wg        *sync.WaitGroup
-	implicit  *implicitHandler
+	// Rollouts are automated ramps of flags, with guardrails.
+	Rollouts []*RolloutConfig `json:"rollouts,omitempty"`
+
+	ctx      caddy.Context
+	rollouts map[string]*rolloutRun
+	// caddyEvents emits rollout changes as Caddy events.
+	caddyEvents *caddyevents.App
+	engine      *engine
+	engineKey   string
+	logger      *zap.Logger
+	storage     certmagic.Storage
+	poller      *posthog.Poller
+	cancel      context.CancelFunc
+	wg          *sync.WaitGroup
+	implicit    *implicitHandler
 	// events is the exposure-event pipe when the posthog block enables
 	// events; eventsAll reports every evaluated flag, not only routing ones.
 	events    *eventPipe
@@ -122,6 +131,14 @@ type engine struct {
 	overridesStamp time.Time
 	// file is what the definitions file looked like when last read.
 	file fileState
+
+	// rollouts are the ramps in force, by flag (written under mu, read
+	// without it by the request path).
+	rollouts atomic.Pointer[map[string]*rolloutRun]
+	// rolloutMu guards the runs' bookkeeping and rolloutsStamp, the storage
+	// modification time of the rollout progress last read.
+	rolloutMu     sync.Mutex
+	rolloutsStamp time.Time
 }
 
 type sourceInfo struct {
@@ -151,6 +168,7 @@ func (e *engine) Destruct() error {
 
 // Provision sets up the app.
 func (a *App) Provision(ctx caddy.Context) error {
+	a.ctx = ctx
 	a.logger = ctx.Logger()
 	a.implicit = new(implicitHandler)
 	a.wg = new(sync.WaitGroup)
@@ -207,6 +225,16 @@ func (a *App) Provision(ctx caddy.Context) error {
 		minCost = int(time.Duration(*a.CacheMinCost).Nanoseconds())
 	}
 	a.engine.cache.SetMinCost(minCost)
+	if err := a.provisionRollouts(); err != nil {
+		return err
+	}
+	if len(a.rollouts) > 0 {
+		eventsApp, err := ctx.App("events")
+		if err != nil {
+			return fmt.Errorf("loading the events app: %w", err)
+		}
+		a.caddyEvents = eventsApp.(*caddyevents.App)
+	}
 
 	if a.Definitions != "" {
 		// Read the file now: `caddy validate` and a reload with a broken file
@@ -241,6 +269,7 @@ func (a *App) Start() error {
 		a.logger.Warn("reading stored overrides", zap.Error(err))
 	}
 	a.loadActivity(ctx)
+	a.startRollouts(ctx)
 	if a.PostHog != nil {
 		a.startPostHog(ctx)
 		a.startEvents(ctx)
@@ -251,6 +280,7 @@ func (a *App) Start() error {
 		if err := a.loadOverrides(ctx); err != nil {
 			a.logger.Warn("syncing overrides from storage", zap.Error(err))
 		}
+		a.syncRollouts(ctx)
 	})
 	a.goEvery(ctx, activityPersistInterval, a.storeActivity)
 	return nil
@@ -447,7 +477,7 @@ func (e *engine) apply() {
 	if e.base == nil {
 		return
 	}
-	e.store.Swap(e.base.WithOverrides(e.overrides))
+	e.store.Swap(e.base.WithOverrides(e.rolloutOverrides()))
 }
 
 func (e *engine) sourceKind() string {

@@ -128,9 +128,22 @@ func BenchmarkHandler(b *testing.B) {
 			_ = next.ServeHTTP(w, r)
 		}
 	})
-	for _, n := range []int{1, 5, 50} {
-		b.Run(fmt.Sprintf("flags-%d", n), func(b *testing.B) {
-			app := newTestApp(b, benchDefinitions(n), DefaultCacheSize)
+	for _, c := range []struct {
+		flags   int
+		rollout bool
+	}{{1, false}, {5, false}, {50, false}, {5, true}} {
+		name := fmt.Sprintf("flags-%d", c.flags)
+		if c.rollout {
+			name += "-rollout"
+		}
+		b.Run(name, func(b *testing.B) {
+			app := newTestApp(b, benchDefinitions(c.flags), DefaultCacheSize)
+			if c.rollout {
+				// flag-0 ramped at 25 % with both guardrails: every response
+				// is observed.
+				startTestRollout(b, app, &RolloutConfig{Flag: "flag-0", Steps: []float64{25, 100}, Guardrails: []GuardrailConfig{
+					{Metric: "error_rate", Factor: 2}, {Metric: "latency", Quantile: 0.99, Margin: caddy.Duration(250e6)}}})
+			}
 			h := newTestHandler(b, app)
 			p := newTestPolicy(b, app, "flag-0")
 			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
@@ -156,4 +169,18 @@ func BenchmarkHandler(b *testing.B) {
 			}
 		})
 	}
+}
+
+// startTestRollout puts a rollout in force on app without a Caddy config.
+func startTestRollout(t testing.TB, app *App, rc *RolloutConfig) {
+	t.Helper()
+	app.Rollouts = append(app.Rollouts, rc)
+	if err := app.provisionRollouts(); err != nil {
+		t.Fatal(err)
+	}
+	e := app.engine
+	e.mu.Lock()
+	e.rollouts.Store(&app.rollouts)
+	e.apply()
+	e.mu.Unlock()
 }

@@ -1,7 +1,10 @@
 package caddymodule
 
 import (
+	"fmt"
+	"math"
 	"strconv"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -41,6 +44,15 @@ func init() {
 //		watch_interval <duration>
 //		sync_interval <duration>
 //		stale_after <duration>
+//		rollout <flag> {
+//			steps <percentage>...
+//			step_duration <duration>
+//			min_requests <n>
+//			guardrail error_rate <factor>x
+//			guardrail latency p<quantile> +<margin> [<factor>x]
+//			on_breach rollback|hold
+//			alpha <probability>
+//		}
 //	}
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 	app := new(App)
@@ -150,6 +162,17 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					return d.Errf("unrecognized posthog option %q", opt)
 				}
 			}
+		case "rollout":
+			rc, err := parseRollout(d)
+			if err != nil {
+				return err
+			}
+			for _, other := range a.Rollouts {
+				if other.Flag == rc.Flag {
+					return d.Errf("rollout %s given twice", rc.Flag)
+				}
+			}
+			a.Rollouts = append(a.Rollouts, rc)
 		default:
 			return d.Errf("unrecognized feature_flags option %q", d.Val())
 		}
@@ -355,3 +378,142 @@ var (
 	_ caddyfile.Unmarshaler = (*App)(nil)
 	_ caddyfile.Unmarshaler = (*Handler)(nil)
 )
+
+// parseRollout reads `rollout <flag> { ... }` (see parseGlobalOption).
+func parseRollout(d *caddyfile.Dispenser) (*RolloutConfig, error) {
+	rc := new(RolloutConfig)
+	if !d.NextArg() {
+		return nil, d.Err("rollout: want the flag's key")
+	}
+	rc.Flag = d.Val()
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch opt := d.Val(); opt {
+		case "steps":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return nil, d.ArgErr()
+			}
+			for _, arg := range args {
+				p, err := strconv.ParseFloat(strings.TrimSuffix(arg, "%"), 64)
+				if err != nil || !(p > 0 && p <= 100) {
+					return nil, d.Errf("rollout %s: step %q is not a percentage in (0, 100]", rc.Flag, arg)
+				}
+				rc.Steps = append(rc.Steps, p)
+			}
+		case "step_duration":
+			if err := parseDuration(d, &rc.StepDuration); err != nil {
+				return nil, err
+			}
+		case "min_requests":
+			if !d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			n, err := strconv.ParseUint(d.Val(), 10, 64)
+			if err != nil {
+				return nil, d.Errf("rollout %s: min_requests: want a number of requests, got %q", rc.Flag, d.Val())
+			}
+			rc.MinRequests = &n
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+		case "guardrail":
+			g, err := parseGuardrail(d, rc.Flag)
+			if err != nil {
+				return nil, err
+			}
+			rc.Guardrails = append(rc.Guardrails, g)
+		case "on_breach":
+			if !d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			rc.OnBreach = d.Val()
+			if rc.OnBreach != "rollback" && rc.OnBreach != "hold" {
+				return nil, d.Errf("rollout %s: on_breach: want rollback or hold, got %q", rc.Flag, rc.OnBreach)
+			}
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+		case "alpha":
+			if !d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			a, err := strconv.ParseFloat(d.Val(), 64)
+			if err != nil || !(a > 0 && a < 1) {
+				return nil, d.Errf("rollout %s: alpha: want a probability in (0, 1), got %q", rc.Flag, d.Val())
+			}
+			rc.Alpha = a
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+		default:
+			return nil, d.Errf("rollout %s: unrecognized option %q", rc.Flag, opt)
+		}
+	}
+	if len(rc.Steps) == 0 {
+		return nil, d.Errf("rollout %s: steps are required", rc.Flag)
+	}
+	if _, err := rc.rampConfig(); err != nil {
+		return nil, d.Err(err.Error())
+	}
+	return rc, nil
+}
+
+// parseGuardrail reads `guardrail error_rate <factor>x` or
+// `guardrail latency p<quantile> +<margin> [<factor>x]`.
+func parseGuardrail(d *caddyfile.Dispenser, flag string) (GuardrailConfig, error) {
+	var g GuardrailConfig
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return g, d.ArgErr()
+	}
+	g.Metric = args[0]
+	switch g.Metric {
+	case "error_rate":
+		if len(args) != 2 {
+			return g, d.Errf("rollout %s: want `guardrail error_rate <factor>x`, e.g. 2x", flag)
+		}
+		f, err := parseFactor(args[1])
+		if err != nil {
+			return g, d.Errf("rollout %s: guardrail error_rate: %v", flag, err)
+		}
+		g.Factor = f
+	case "latency":
+		if len(args) != 3 && len(args) != 4 {
+			return g, d.Errf("rollout %s: want `guardrail latency p<quantile> +<margin> [<factor>x]`, e.g. p99 +250ms", flag)
+		}
+		q, ok := strings.CutPrefix(args[1], "p")
+		pct, err := strconv.ParseFloat(q, 64)
+		if !ok || err != nil || !(pct > 0 && pct < 100) {
+			return g, d.Errf("rollout %s: guardrail latency: quantile %q: want p50, p99, p99.9 ...", flag, args[1])
+		}
+		// Rounded so that p99.9 is 0.999, not 0.9990000000000001.
+		g.Quantile = math.Round(pct*1e7) / 1e9
+		margin, err := caddy.ParseDuration(strings.TrimPrefix(args[2], "+"))
+		if err != nil || margin < 0 {
+			return g, d.Errf("rollout %s: guardrail latency: margin %q: want a duration such as +250ms", flag, args[2])
+		}
+		g.Margin = caddy.Duration(margin)
+		if len(args) == 4 {
+			f, err := parseFactor(args[3])
+			if err != nil {
+				return g, d.Errf("rollout %s: guardrail latency: %v", flag, err)
+			}
+			g.Factor = f
+		}
+	default:
+		return g, d.Errf("rollout %s: unknown guardrail %q (error_rate or latency)", flag, g.Metric)
+	}
+	return g, nil
+}
+
+// parseFactor reads a ratio such as 2x or 1.5x (the x is optional).
+func parseFactor(s string) (float64, error) {
+	f, err := strconv.ParseFloat(strings.TrimSuffix(s, "x"), 64)
+	if err != nil || !(f >= 1) || math.IsInf(f, 0) {
+		return 0, fmt.Errorf("factor %q: want a ratio of at least 1, such as 2x", s)
+	}
+	return f, nil
+}

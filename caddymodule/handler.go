@@ -256,6 +256,14 @@ type boundSet struct {
 	// metrics[i][v] are flag i's routed-request series for value index v
 	// (see eval.Results.ValueIndex).
 	metrics [][]valueMetrics
+	// rollouts are the selected flags with a rollout in force, whose ramps
+	// see every response.
+	rollouts []boundRollout
+}
+
+type boundRollout struct {
+	index int
+	run   *rolloutRun
 }
 
 // bind returns the flag selection for the definitions in force.
@@ -278,6 +286,11 @@ func (h *Handler) bind(defs *eval.Definitions) *boundSet {
 		b.metrics[i] = make([]valueMetrics, len(values))
 		for v, value := range values {
 			b.metrics[i][v].flag, b.metrics[i][v].value = key, value
+		}
+		// Ramps change only with a new definitions generation (the engine
+		// re-applies overrides when they do), so binding them here is safe.
+		if run := h.app.engine.rolloutRun(key); run != nil {
+			b.rollouts = append(b.rollouts, boundRollout{index: i, run: run})
 		}
 	}
 	h.bound.Store(b)

@@ -83,10 +83,23 @@ var (
 	}, []string{"source"})
 )
 
+var (
+	rolloutPercentage = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollout_percentage",
+		Help: "Percentage a rollout currently lets through to the new side (0 once rolled back or aborted).",
+	}, []string{"flag"})
+
+	rollbacksTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollbacks_total",
+		Help: "Rollouts rolled back by a guardrail, by flag and guardrail.",
+	}, []string{"flag", "guardrail"})
+)
+
 var collectors = []prometheus.Collector{
 	evaluationsTotal, inconclusiveTotal, requestsTotal, requestDuration,
 	definitionsLastSuccess, definitionsErrors, definitionsFlags, definitionsReady, overridesActive,
 	identityTotal, malformedIdentityTotal, eventsSent, eventsDropped,
+	rolloutPercentage, rollbacksTotal,
 }
 
 // registerMetrics adds the collectors to this config's registry.

@@ -62,30 +62,29 @@ func (a *App) setOverride(ctx context.Context, key string, o *eval.Override) (bo
 	}
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	if err := a.storage.Lock(ctx, a.storageKey(overridesLockName)); err != nil {
-		return false, fmt.Errorf("locking overrides in storage: %w", err)
-	}
-	defer func() {
-		if err := a.storage.Unlock(context.Background(), a.storageKey(overridesLockName)); err != nil {
-			a.logger.Warn("unlocking overrides in storage", zap.Error(err))
-		}
-	}()
-	doc, err := a.readOverrides(ctx)
-	if err != nil {
-		return false, err
-	}
-	update(doc.Overrides)
-	doc.UpdatedAt = time.Now().UTC()
-	data, err := json.Marshal(doc)
-	if err != nil {
-		return false, err
-	}
-	if err := a.storage.Store(ctx, a.storageKey(overridesKey), data); err != nil {
-		return false, fmt.Errorf("storing overrides: %w", err)
-	}
+	var doc storedOverrides
 	stamp := time.Time{}
-	if info, err := a.storage.Stat(ctx, a.storageKey(overridesKey)); err == nil {
-		stamp = info.Modified
+	err := a.withStorageLock(ctx, overridesLockName, func() error {
+		var err error
+		if doc, err = a.readOverrides(ctx); err != nil {
+			return err
+		}
+		update(doc.Overrides)
+		doc.UpdatedAt = time.Now().UTC()
+		data, err := json.Marshal(doc)
+		if err != nil {
+			return err
+		}
+		if err := a.storage.Store(ctx, a.storageKey(overridesKey), data); err != nil {
+			return fmt.Errorf("storing overrides: %w", err)
+		}
+		if info, err := a.storage.Stat(ctx, a.storageKey(overridesKey)); err == nil {
+			stamp = info.Modified
+		}
+		return nil
+	})
+	if err != nil {
+		return false, err
 	}
 	e := a.engine
 	e.mu.Lock()

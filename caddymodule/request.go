@@ -167,12 +167,13 @@ func (st *requestState) countEvaluations() {
 	}
 }
 
-// finish records the outcome of the request for the flags that routed it.
+// finish records the outcome of the request for the flags that routed it and
+// feeds the ramps of the flags being rolled out.
 func (st *requestState) finish(err error, elapsed time.Duration, repl *caddy.Replacer) {
 	st.mu.Lock()
 	routed := st.routed
 	st.mu.Unlock()
-	if len(routed) == 0 {
+	if len(routed) == 0 && len(st.bound.rollouts) == 0 {
 		return
 	}
 	status := st.recorder.status
@@ -187,15 +188,28 @@ func (st *requestState) finish(err error, elapsed time.Duration, repl *caddy.Rep
 	} else if status == 0 {
 		status = http.StatusOK
 	}
+	out := proxy.Outcome{Status: status, Duration: elapsed}
+	for _, br := range st.bound.rollouts {
+		// An inconclusive answer says nothing about either side.
+		if !st.results.Reason(br.index).Inconclusive() {
+			br.run.observe(st.results.Value(br.index), out.Failed(), elapsed)
+		}
+	}
+	if len(routed) == 0 {
+		return
+	}
 	upstream, _ := repl.GetString("http.reverse_proxy.upstream.hostport")
 	class := codeClassIndex(status)
-	out := proxy.Outcome{Status: status, Duration: elapsed}
+	engine := st.handler.app.engine
 	for _, r := range routed {
 		m := r.metrics
 		if m == nil {
 			m = newValueMetrics(r.key, r.value)
+			if run := engine.rolloutRun(r.key); run != nil && r.decided {
+				run.observe(r.value, out.Failed(), elapsed)
+			}
 		}
-		m.record(st.handler.app.engine, upstream, class, out)
+		m.record(engine, upstream, class, out)
 	}
 }
 

@@ -1,0 +1,413 @@
+package caddymodule
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddytest"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
+
+	"github.com/flagsplit/flagsplit/rollout"
+)
+
+func init() {
+	caddy.RegisterModule(eventRecorder{})
+}
+
+// recordedEvents collects the Caddy events the eventRecorder handler receives.
+var recordedEvents struct {
+	sync.Mutex
+	list []caddy.Event
+}
+
+// eventRecorder is an events handler that keeps every event it is given, so
+// tests can see what flagsplit emits through Caddy's events app.
+type eventRecorder struct{}
+
+func (eventRecorder) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{ID: "events.handlers.flagsplit_test_recorder", New: func() caddy.Module { return new(eventRecorder) }}
+}
+
+func (eventRecorder) Handle(_ context.Context, e caddy.Event) error {
+	recordedEvents.Lock()
+	recordedEvents.list = append(recordedEvents.list, e)
+	recordedEvents.Unlock()
+	return nil
+}
+
+func resetEvents() {
+	recordedEvents.Lock()
+	recordedEvents.list = nil
+	recordedEvents.Unlock()
+}
+
+func eventsNamed(name string) []caddy.Event {
+	recordedEvents.Lock()
+	defer recordedEvents.Unlock()
+	var out []caddy.Event
+	for _, e := range recordedEvents.list {
+		if e.Name() == name {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// switchableUpstream answers like upstream, or with failStatus while it is set.
+type switchableUpstream struct {
+	*upstream
+	failStatus atomic.Int64
+}
+
+func newSwitchableUpstream(t *testing.T, name string) *switchableUpstream {
+	su := &switchableUpstream{upstream: &upstream{name: name}}
+	su.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		su.hits.Add(1)
+		if code := su.failStatus.Load(); code != 0 {
+			w.Header().Set("X-Upstream", name)
+			w.WriteHeader(int(code))
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(echo{Upstream: name, Headers: r.Header})
+	}))
+	t.Cleanup(su.srv.Close)
+	return su
+}
+
+// rolloutSite is a Caddyfile routing by checkout from a definitions file, with
+// the rollout block given.
+func rolloutSite(globalOpts, defsFile, rolloutBlock string, old, nu *upstream, extra string) string {
+	return fmt.Sprintf(`{
+	%s
+	feature_flags {
+		definitions %s
+		sync_interval 100ms
+		%s
+		%s
+	}
+}
+:9080 {
+	feature_flags
+	reverse_proxy %s %s {
+		lb_policy feature_flag checkout {
+			true %s
+			default %s
+		}
+	}
+}`, globalOpts, defsFile, extra, rolloutBlock, old.dial(), nu.dial(), nu.dial(), old.dial())
+}
+
+// withEventRecorder adapts a Caddyfile and subscribes the event recorder to
+// every event.
+func withEventRecorder(t *testing.T, caddyfile string) string {
+	t.Helper()
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg map[string]any
+	if err := json.Unmarshal(adapted, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	cfg["apps"].(map[string]any)["events"] = map[string]any{
+		"subscriptions": []any{map[string]any{"handlers": []any{map[string]any{"handler": "flagsplit_test_recorder"}}}},
+	}
+	out, _ := json.Marshal(cfg)
+	return string(out)
+}
+
+func rolloutStatusOf(t *testing.T, admin, flag string) rolloutStatus {
+	t.Helper()
+	code, body := adminDo(t, http.MethodGet, admin+"/feature_flags/rollouts/"+flag, "")
+	var st rolloutStatus
+	if code != http.StatusOK || json.Unmarshal([]byte(body), &st) != nil {
+		t.Fatalf("rollout status: %d %s", code, body)
+	}
+	return st
+}
+
+// expectCap checks that exactly the users PostHog's hash puts under pct % of
+// checkout reach new.
+func expectCap(t *testing.T, addr string, pct float64, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("cap-%d", i)
+		_, e := get(t, "http://"+addr+"/", map[string]string{"X-POSTHOG-DISTINCT-ID": id})
+		want := "old"
+		if hashOf("checkout", id) <= pct/100 {
+			want = "new"
+		}
+		if e.Upstream != want {
+			t.Fatalf("%s (hash %.3f) at %v%%: reached %q", id, hashOf("checkout", id), pct, e.Upstream)
+		}
+	}
+}
+
+func TestRolloutRollsBackWhenTheNewSideFails(t *testing.T) {
+	storage := inProcessDir(t)
+	defsFile := filepath.Join(storage, "flags.json")
+	writeFileAtomically(t, defsFile, checkoutDefs(100))
+	old, nu := newUpstream(t, "old"), newSwitchableUpstream(t, "new")
+	block := `rollout checkout {
+			steps 50 100
+			step_duration 1h
+			min_requests 10
+			guardrail error_rate 2x
+		}`
+	resetEvents()
+	tester := caddytest.NewTester(t)
+	tester.InitServer(withEventRecorder(t, rolloutSite(globalsWithStorage(storage), defsFile, block, old, nu.upstream, "")), "json")
+	const api = "http://localhost:2999/feature_flags"
+
+	// The first step caps the flag at 50 % with PostHog's hash.
+	expectCap(t, "127.0.0.1:9080", 50, 100)
+	if st := rolloutStatusOf(t, "http://localhost:2999", "checkout"); st.State != rollout.Running || st.Percentage != 50 {
+		t.Fatalf("at start: %+v", st)
+	}
+	if got := metricSum(t, "caddy_feature_flags_rollout_percentage", map[string]string{"flag": "checkout"}); got != 50 {
+		t.Errorf("rollout_percentage gauge = %v, want 50", got)
+	}
+
+	// The new side starts failing: the guardrail sees its users' 5xx against
+	// control's clean answers and rolls the flag back.
+	nu.failStatus.Store(http.StatusBadGateway)
+	failures := 0
+	waitUntil(t, 20*time.Second, "the guardrail to roll back", func() bool {
+		for i := 0; i < 20; i++ {
+			resp, _ := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("load-%d-%d", failures, i)})
+			if resp.StatusCode >= 500 {
+				failures++
+			}
+		}
+		return rolloutStatusOf(t, "http://localhost:2999", "checkout").State == rollout.RolledBack
+	})
+	if failures == 0 {
+		t.Fatal("no request reached the failing side before the rollback")
+	}
+	// Everyone is on the old side now, at once and with no failed request.
+	if got := routesTo(t, "127.0.0.1:9080", 100); got != "old" {
+		t.Fatalf("after the rollback: %s", got)
+	}
+	st := rolloutStatusOf(t, "http://localhost:2999", "checkout")
+	if st.Percentage != 0 || !strings.Contains(st.Reason, "error_rate 2x") || !st.KillOverride || st.Stored == nil {
+		t.Errorf("rolled-back status: %+v", st)
+	}
+	if code, body := adminDo(t, http.MethodGet, api+"/overrides/checkout", ""); code != 200 || !strings.Contains(body, `"killed": true`) {
+		t.Errorf("kill override after the rollback: %d %s", code, body)
+	}
+	if got := metricSum(t, "caddy_feature_flags_rollbacks_total", map[string]string{"flag": "checkout", "guardrail": "error_rate 2x"}); got != 1 {
+		t.Errorf("rollbacks_total = %v, want 1", got)
+	}
+	if got := metricSum(t, "caddy_feature_flags_rollout_percentage", map[string]string{"flag": "checkout"}); got != 0 {
+		t.Errorf("rollout_percentage gauge after the rollback = %v", got)
+	}
+	rolledBack := eventsNamed("rollout_rolled_back")
+	if len(rolledBack) != 1 || rolledBack[0].Data["flag"] != "checkout" || rolledBack[0].Data["guardrail"] != "error_rate 2x" {
+		t.Errorf("rollout_rolled_back events: %+v", rolledBack)
+	}
+	data, err := os.ReadFile(filepath.Join(storage, "feature_flags", "local", "rollouts.json"))
+	if err != nil || !strings.Contains(string(data), `"state":"rolled_back"`) {
+		t.Errorf("stored progress: %s %v", data, err)
+	}
+
+	// Operators drive it by hand. Resuming a rolled-back rollout starts it
+	// over at its first step and lifts the rollback's kill.
+	nu.failStatus.Store(0)
+	for _, c := range []struct {
+		action string
+		status int
+		state  rollout.State
+		pct    float64
+	}{
+		{"promote", 409, "", 0},
+		{"resume", 200, rollout.Running, 50},
+		{"resume", 409, "", 0},
+		{"pause", 200, rollout.Paused, 50},
+		{"pause", 409, "", 0},
+		{"promote", 200, rollout.Paused, 100},
+		{"abort", 200, rollout.Aborted, 0},
+		{"abort", 409, "", 0},
+	} {
+		code, body := adminDo(t, http.MethodPost, api+"/rollouts/checkout/"+c.action, "")
+		if code != c.status {
+			t.Fatalf("%s: %d %s, want %d", c.action, code, body, c.status)
+		}
+		if code != 200 {
+			continue
+		}
+		var got rolloutStatus
+		if err := json.Unmarshal([]byte(body), &got); err != nil || got.State != c.state || got.Percentage != c.pct {
+			t.Fatalf("%s: %s, want %s at %v%%", c.action, body, c.state, c.pct)
+		}
+		if c.action == "resume" {
+			if code, _ := adminDo(t, http.MethodGet, api+"/overrides/checkout", ""); code != 404 {
+				t.Errorf("the rollback's kill override is still set after resume")
+			}
+			expectCap(t, "127.0.0.1:9080", 50, 100)
+		}
+		if c.pct == 100 {
+			if got := routesTo(t, "127.0.0.1:9080", 30); got != "new" {
+				t.Errorf("promoted to 100 %%: %s", got)
+			}
+		}
+	}
+	if got := routesTo(t, "127.0.0.1:9080", 30); got != "old" {
+		t.Errorf("after abort: %s", got)
+	}
+	if len(eventsNamed("rollout_paused")) != 1 || len(eventsNamed("rollout_aborted")) != 1 || len(eventsNamed("rollout_restarted")) != 1 {
+		t.Errorf("operator events missing: %d paused, %d aborted, %d restarted",
+			len(eventsNamed("rollout_paused")), len(eventsNamed("rollout_aborted")), len(eventsNamed("rollout_restarted")))
+	}
+	code, body := adminDo(t, http.MethodPost, api+"/rollouts/hero/pause", "")
+	if code != 404 || !strings.Contains(body, "no rollout") {
+		t.Errorf("action on a flag without a rollout: %d %s", code, body)
+	}
+	code, body = adminDo(t, http.MethodGet, api+"/rollouts", "")
+	if code != 200 || !strings.Contains(body, `"flag": "checkout"`) || !strings.Contains(body, `"state": "aborted"`) {
+		t.Errorf("rollouts list: %d %s", code, body)
+	}
+	if st := adminStatusOf(t, "http://localhost:2999"); len(st.Flags) == 0 {
+		t.Error("no flags in status")
+	} else {
+		for _, f := range st.Flags {
+			if (f.Key == "checkout") != (f.Rollout != nil) {
+				t.Errorf("flag %s: rollout %+v", f.Key, f.Rollout)
+			}
+		}
+	}
+}
+
+func TestRolloutPromotesStepByStep(t *testing.T) {
+	storage := inProcessDir(t)
+	defsFile := filepath.Join(storage, "flags.json")
+	writeFileAtomically(t, defsFile, checkoutDefs(100))
+	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
+	block := `rollout checkout {
+			steps 10 40 100
+			step_duration 300ms
+			min_requests 5
+			guardrail error_rate 2x
+			guardrail latency p99 +1s
+		}`
+	resetEvents()
+	tester := caddytest.NewTester(t)
+	tester.InitServer(withEventRecorder(t, rolloutSite(globalsWithStorage(storage), defsFile, block, old, nu, "")), "json")
+
+	expectCap(t, "127.0.0.1:9080", 10, 60)
+	// Healthy traffic on both sides: each step passes once it has lasted
+	// 300ms and carried 5 requests on the new side.
+	seen := map[float64]bool{}
+	i := 0
+	waitUntil(t, 20*time.Second, "the rollout to complete", func() bool {
+		for j := 0; j < 10; j++ {
+			get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("u-%d", i)})
+			i++
+		}
+		st := rolloutStatusOf(t, "http://localhost:2999", "checkout")
+		seen[st.Percentage] = true
+		return st.State == rollout.Completed
+	})
+	if !seen[40] {
+		t.Errorf("never saw the 40 %% step: %v", seen)
+	}
+	if got := routesTo(t, "127.0.0.1:9080", 50); got != "new" {
+		t.Fatalf("after completion: %s", got)
+	}
+	promoted := eventsNamed("rollout_promoted")
+	if len(promoted) != 2 || promoted[0].Data["from"] != 10.0 || promoted[0].Data["to"] != 40.0 ||
+		promoted[1].Data["from"] != 40.0 || promoted[1].Data["to"] != 100.0 {
+		t.Errorf("promotion events: %+v", promoted)
+	}
+	if len(eventsNamed("rollout_completed")) != 1 {
+		t.Errorf("completion events: %+v", eventsNamed("rollout_completed"))
+	}
+	st := rolloutStatusOf(t, "http://localhost:2999", "checkout")
+	if st.Total.Treatment.Requests == 0 || st.Total.Control.Requests == 0 || st.Total.Treatment.Errors != 0 {
+		t.Errorf("counts: %+v", st.Total)
+	}
+
+	// A reload that keeps the rollout keeps its progress.
+	tester.InitServer(withEventRecorder(t, rolloutSite(globalsWithStorage(storage), defsFile, block, old, nu, "stale_after 48h")), "json")
+	if st := rolloutStatusOf(t, "http://localhost:2999", "checkout"); st.State != rollout.Completed {
+		t.Errorf("after a reload: %+v", st)
+	}
+}
+
+func TestRolloutProgressSurvivesRestartAndIsShared(t *testing.T) {
+	storage := t.TempDir()
+	defsFile := filepath.Join(storage, "flags.json")
+	writeFileAtomically(t, defsFile, checkoutDefs(100))
+	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
+	adminPort, httpPort := freePort(t), freePort(t)
+	configFor := func(adminPort, httpPort int) string {
+		return fmt.Sprintf(`{
+	admin localhost:%d
+	storage file_system %s
+	skip_install_trust
+	auto_https off
+	grace_period 1ns
+	feature_flags {
+		definitions %s
+		sync_interval 100ms
+		rollout checkout {
+			steps 5 25 50 100
+			step_duration 1h
+			guardrail error_rate 2x
+		}
+	}
+}
+:%d {
+	feature_flags
+	reverse_proxy %s %s {
+		lb_policy feature_flag checkout {
+			true %s
+			default %s
+		}
+	}
+}`, adminPort, storage, defsFile, httpPort, old.dial(), nu.dial(), nu.dial(), old.dial())
+	}
+	config := configFor(adminPort, httpPort)
+	admin := fmt.Sprintf("http://localhost:%d", adminPort)
+	addr := fmt.Sprintf("127.0.0.1:%d", httpPort)
+
+	first := startCaddy(t, adminPort, config)
+	// A second instance sharing the storage follows what operators do on
+	// the first.
+	adminB, httpB := freePort(t), freePort(t)
+	second := startCaddy(t, adminB, configFor(adminB, httpB))
+	for _, action := range []string{"promote", "promote", "pause"} {
+		if code, body := adminDo(t, http.MethodPost, admin+"/feature_flags/rollouts/checkout/"+action, ""); code != 200 {
+			t.Fatalf("%s: %d %s", action, code, body)
+		}
+	}
+	expectCap(t, addr, 50, 60)
+	waitUntil(t, 5*time.Second, "the second instance to adopt the progress", func() bool {
+		st := rolloutStatusOf(t, fmt.Sprintf("http://localhost:%d", adminB), "checkout")
+		return st.State == rollout.Paused && st.Percentage == 50
+	})
+	expectCap(t, fmt.Sprintf("127.0.0.1:%d", httpB), 50, 60)
+	second.stop()
+	first.stop()
+
+	startCaddy(t, adminPort, config)
+	st := rolloutStatusOf(t, admin, "checkout")
+	if st.State != rollout.Paused || st.Step != 2 || st.Percentage != 50 {
+		t.Fatalf("after a restart: %+v", st)
+	}
+	expectCap(t, addr, 50, 60)
+}
+
+var _ caddyevents.Handler = eventRecorder{}
