@@ -190,10 +190,9 @@ func (st *requestState) finish(err error, elapsed time.Duration, repl *caddy.Rep
 	}
 	out := proxy.Outcome{Status: status, Duration: elapsed}
 	for _, br := range st.bound.rollouts {
-		// An inconclusive answer says nothing about either side.
-		if !st.results.Reason(br.index).Inconclusive() {
-			br.run.observe(st.results.Value(br.index), out.Failed(), elapsed)
-		}
+		// Inconclusive answers are "false" and were served the old side, so
+		// they are control traffic like any other "false".
+		br.run.observe(st.results.Value(br.index), out.Failed(), elapsed)
 	}
 	if len(routed) == 0 {
 		return
@@ -205,7 +204,7 @@ func (st *requestState) finish(err error, elapsed time.Duration, repl *caddy.Rep
 		m := r.metrics
 		if m == nil {
 			m = newValueMetrics(r.key, r.value)
-			if run := engine.rolloutRun(r.key); run != nil && r.decided {
+			if run := engine.rolloutRun(r.key); run != nil {
 				run.observe(r.value, out.Failed(), elapsed)
 			}
 		}

@@ -404,7 +404,10 @@ func (a *App) rolloutAction(ctx context.Context, flag, action string) (rollout.S
 	return run.ramp.Load().Status(), nil
 }
 
-var errNoRollout = errors.New("no rollout is configured for this flag")
+var (
+	errNoRollout       = errors.New("no rollout is configured for this flag")
+	errCorruptRollouts = errors.New("stored rollout progress is not valid JSON")
+)
 
 // rolloutStatus is a rollout as the admin API shows it.
 type rolloutStatus struct {
@@ -462,7 +465,11 @@ func (a *App) persistRollout(ctx context.Context, run *rolloutRun) {
 	defer cancel()
 	err := a.withStorageLock(ctx, rolloutsLockName, func() error {
 		doc, err := a.readRollouts(ctx)
-		if err != nil {
+		if errors.Is(err, errCorruptRollouts) {
+			// Unreadable progress would block every later write; the
+			// ramps in memory are the better record.
+			a.logger.Warn("replacing unreadable rollout progress in storage", zap.Error(err))
+		} else if err != nil {
 			return err
 		}
 		doc.Rollouts[run.flag] = rec
@@ -500,7 +507,7 @@ func (a *App) readRollouts(ctx context.Context) (storedRollouts, error) {
 		return doc, fmt.Errorf("reading rollout progress: %w", err)
 	}
 	if err := json.Unmarshal(data, &doc); err != nil {
-		return doc, fmt.Errorf("stored rollout progress is not valid JSON: %w", err)
+		return storedRollouts{Rollouts: map[string]storedRollout{}}, fmt.Errorf("%w: %v", errCorruptRollouts, err)
 	}
 	if doc.Rollouts == nil {
 		doc.Rollouts = map[string]storedRollout{}

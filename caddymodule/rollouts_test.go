@@ -18,7 +18,9 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddytest"
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/flagsplit/flagsplit/eval"
 	"github.com/flagsplit/flagsplit/rollout"
 )
 
@@ -411,3 +413,117 @@ func TestRolloutProgressSurvivesRestartAndIsShared(t *testing.T) {
 }
 
 var _ caddyevents.Handler = eventRecorder{}
+
+// Every response of a ramped flag is observed on the side it was served:
+// "false" (inconclusive answers included: they are served false, to the old
+// side) and "control" are control, every other value the new side; 5xx
+// responses count as errors.
+func TestRolloutObservesEveryResponseOnItsSide(t *testing.T) {
+	app := newTestApp(t, []byte(`{"flags": [
+		{"id": 1, "key": "checkout", "active": true, "filters": {"groups": [
+			{"properties": [{"key": "plan", "type": "person", "value": ["pro"]}], "rollout_percentage": 100},
+			{"properties": [], "rollout_percentage": 100}]}},
+		{"id": 2, "key": "hero", "active": true, "filters": {"groups": [{}], "multivariate": {"variants": [
+			{"key": "control", "rollout_percentage": 50}, {"key": "test", "rollout_percentage": 50}]}}}
+	]}`), 0)
+	startTestRollout(t, app, &RolloutConfig{Flag: "checkout", Steps: []float64{40, 100}})
+	startTestRollout(t, app, &RolloutConfig{Flag: "hero", Steps: []float64{100}})
+	h := newTestHandler(t, app)
+	w := &discardWriter{h: http.Header{}}
+	var want struct{ checkoutNew, checkoutOld, checkoutNewErrors, heroControl, heroTest uint64 }
+	inconclusive := 0
+	for i := 0; i < 400; i++ {
+		id := fmt.Sprintf("obs-%d", i)
+		r := prepare(w, id)
+		if i%2 == 0 {
+			r.Header.Set("X-Plan", "basic") // known: conclusive answers
+		} else {
+			r.Header.Del("X-Plan") // missing: the first condition is inconclusive
+		}
+		status := http.StatusOK
+		if i%5 == 0 {
+			status = http.StatusInternalServerError
+		}
+		next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+			w.WriteHeader(status)
+			return nil
+		})
+		if err := h.ServeHTTP(w, r, next); err != nil {
+			t.Fatal(err)
+		}
+		// checkout: true within the 40 % cap by PostHog's hash (the second
+		// condition matches even when the first is inconclusive); outside
+		// it false, conclusively with a plan, inconclusively without.
+		if hashOf("checkout", id) <= 0.40 {
+			want.checkoutNew++
+			if status >= 500 {
+				want.checkoutNewErrors++
+			}
+		} else {
+			want.checkoutOld++
+			if i%2 == 1 && app.engine.store.Load().Evaluate("checkout", &eval.Subject{DistinctID: id}).Inconclusive() {
+				inconclusive++
+			}
+		}
+		if variantOf(t, app, "hero", id) == "control" {
+			want.heroControl++
+		} else {
+			want.heroTest++
+		}
+	}
+	checkout := app.engine.rolloutRun("checkout").ramp.Load().Status().Total
+	if checkout.Treatment.Requests != want.checkoutNew || checkout.Control.Requests != want.checkoutOld ||
+		checkout.Treatment.Errors != want.checkoutNewErrors {
+		t.Errorf("checkout observed %+v, want new %d (errors %d), old %d", checkout, want.checkoutNew, want.checkoutNewErrors, want.checkoutOld)
+	}
+	if want.checkoutNew == 0 || want.checkoutOld == 0 {
+		t.Fatalf("the ids do not exercise both sides: %+v", want)
+	}
+	if inconclusive == 0 {
+		t.Error("no inconclusive answer was exercised")
+	}
+	hero := app.engine.rolloutRun("hero").ramp.Load().Status().Total
+	if hero.Control.Requests != want.heroControl || hero.Treatment.Requests != want.heroTest {
+		t.Errorf("hero observed %+v, want control %d, test %d", hero, want.heroControl, want.heroTest)
+	}
+}
+
+func variantOf(t *testing.T, app *App, flag, id string) string {
+	t.Helper()
+	return app.engine.store.Load().Evaluate(flag, &eval.Subject{DistinctID: id}).Value()
+}
+
+func TestRolloutWithUnreadableStoredProgress(t *testing.T) {
+	storage := inProcessDir(t)
+	defsFile := filepath.Join(storage, "flags.json")
+	writeFileAtomically(t, defsFile, checkoutDefs(100))
+	stored := filepath.Join(storage, "feature_flags", "local", "rollouts.json")
+	if err := os.MkdirAll(filepath.Dir(stored), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(stored, []byte(`{"rollouts": {"checkout": {"progress": `), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
+	block := `rollout checkout {
+			steps 20 60
+		}`
+	tester := caddytest.NewTester(t)
+	tester.InitServer(rolloutSite(globalsWithStorage(storage), defsFile, block, old, nu, ""), "caddyfile")
+
+	// The broken record is ignored: the rollout starts at its first step.
+	if st := rolloutStatusOf(t, "http://localhost:2999", "checkout"); st.State != rollout.Running || st.Percentage != 20 {
+		t.Fatalf("with unreadable stored progress: %+v", st)
+	}
+	expectCap(t, "127.0.0.1:9080", 20, 50)
+	// The next change replaces it with a readable record.
+	if code, body := adminDo(t, http.MethodPost, "http://localhost:2999/feature_flags/rollouts/checkout/promote", ""); code != 200 {
+		t.Fatalf("promote: %d %s", code, body)
+	}
+	var doc storedRollouts
+	data, err := os.ReadFile(stored)
+	if err != nil || json.Unmarshal(data, &doc) != nil || doc.Rollouts["checkout"].Progress.Step != 1 {
+		t.Fatalf("stored progress after promote: %s %v", data, err)
+	}
+	expectCap(t, "127.0.0.1:9080", 60, 50)
+}
