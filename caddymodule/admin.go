@@ -197,16 +197,19 @@ func (a *App) serveOverride(w http.ResponseWriter, r *http.Request, key string) 
 }
 
 func (a *App) serveRolloutAction(w http.ResponseWriter, r *http.Request, key, action string) error {
-	if _, err := a.rolloutAction(r.Context(), key, action); err != nil {
+	run, err := a.rolloutAction(r.Context(), key, action)
+	if err != nil {
 		switch {
 		case errors.Is(err, errNoRollout):
 			return apiError(http.StatusNotFound, "no rollout is configured for flag %q", key)
+		case errors.Is(err, errUnknownAction):
+			return apiError(http.StatusBadRequest, "%v", err)
 		case errors.Is(err, rollout.ErrInvalidTransition):
 			return apiError(http.StatusConflict, "%v", err)
 		}
 		return apiError(http.StatusServiceUnavailable, "%v", err)
 	}
-	return writeJSON(w, http.StatusOK, a.rolloutStatus(a.engine.rolloutRun(key)))
+	return writeJSON(w, http.StatusOK, a.rolloutStatus(run))
 }
 
 // serveEvaluate answers what this proxy would answer for a subject, with reasons.

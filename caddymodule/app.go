@@ -84,6 +84,9 @@ type App struct {
 
 	ctx      caddy.Context
 	rollouts map[string]*rolloutRun
+	// previousRollouts are the rollouts this app's replaced, put back if
+	// this app stops while its own are still in force (a failed reload).
+	previousRollouts *map[string]*rolloutRun
 	// caddyEvents emits rollout changes as Caddy events.
 	caddyEvents *caddyevents.App
 	engine      *engine
@@ -311,6 +314,7 @@ func (a *App) Stop() error {
 		a.cancel()
 	}
 	a.wg.Wait()
+	a.stopRollouts()
 	a.flushEvents()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -11,6 +11,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/flagsplit/flagsplit/rollout"
 )
 
 func init() {
@@ -512,7 +514,7 @@ func parseGuardrail(d *caddyfile.Dispenser, flag string) (GuardrailConfig, error
 // parseFactor reads a ratio such as 2x or 1.5x (the x is optional).
 func parseFactor(s string) (float64, error) {
 	f, err := strconv.ParseFloat(strings.TrimSuffix(s, "x"), 64)
-	if err != nil || !(f >= 1) || math.IsInf(f, 0) {
+	if err != nil || !(f >= 1 && f <= rollout.MaxFactor) {
 		return 0, fmt.Errorf("factor %q: want a ratio of at least 1, such as 2x", s)
 	}
 	return f, nil

@@ -122,13 +122,59 @@ type rolloutRun struct {
 	ramp        atomic.Pointer[rollout.Ramp]
 
 	// The fields below are guarded by engine.rolloutMu.
-	// stamp is the UpdatedAt of the stored record last written or adopted.
+	// rev is the revision of the stored record last written or adopted, and
+	// stamp when it was written.
+	rev   uint64
 	stamp time.Time
+	// attempt counts restarts of the rollout after it ended: a record of a
+	// later attempt supersedes whatever an earlier one reached.
+	attempt uint64
 	// restored is set once stored progress has been looked for.
 	restored bool
 	// killOverride records that a rollback set the flag's kill override, so
 	// that restarting the rollout lifts it again.
 	killOverride bool
+}
+
+// ended reports whether a rollout in state s has ended.
+func ended(s rollout.State) bool {
+	return s == rollout.Completed || s == rollout.RolledBack || s == rollout.Aborted
+}
+
+// adoptLocked moves the run to a stored record written by another instance
+// (or before a restart), and reports whether its progress changed. An end
+// reached here is not undone by a record of the same attempt that has not
+// ended. Callers hold engine.rolloutMu.
+func (r *rolloutRun) adoptLocked(rec storedRollout) bool {
+	r.rev, r.stamp = rec.Rev, rec.UpdatedAt
+	ramp := r.ramp.Load()
+	cur := ramp.Progress()
+	if rec.Attempt == r.attempt {
+		if cur.State == rec.Progress.State && cur.Step == rec.Progress.Step {
+			r.killOverride = rec.KillOverride
+			return false
+		}
+		if ended(cur.State) && !ended(rec.Progress.State) {
+			return false
+		}
+	}
+	if rec.Attempt < r.attempt {
+		return false
+	}
+	target := ramp
+	if ended(cur.State) || rec.Attempt != r.attempt {
+		fresh, err := rollout.NewRamp(r.cfg, time.Now())
+		if err != nil {
+			return false
+		}
+		target = fresh
+	}
+	if target.Restore(rec.Progress) != nil {
+		return false
+	}
+	r.ramp.Store(target)
+	r.attempt, r.killOverride = rec.Attempt, rec.KillOverride
+	return true
 }
 
 // observe counts one request served with the flag at value. "false" and a
@@ -147,10 +193,15 @@ type storedRollouts struct {
 	Rollouts map[string]storedRollout `json:"rollouts"`
 }
 
+// storedRollout is one rollout's record. Rev grows with every write, so
+// instances order changes without comparing their clocks; Attempt grows when
+// an ended rollout is restarted.
 type storedRollout struct {
 	Fingerprint  string           `json:"fingerprint"`
 	Progress     rollout.Progress `json:"progress"`
 	KillOverride bool             `json:"kill_override,omitempty"`
+	Rev          uint64           `json:"rev"`
+	Attempt      uint64           `json:"attempt,omitempty"`
 	UpdatedAt    time.Time        `json:"updated_at"`
 }
 
@@ -188,15 +239,6 @@ func (a *App) provisionRollouts() error {
 		}
 		run := &rolloutRun{flag: rc.Flag, fingerprint: fp, cfg: cfg}
 		run.ramp.Store(ramp)
-		if old := a.engine.rolloutRun(rc.Flag); old != nil {
-			// The configuration changed under a running ramp: carry on from
-			// its step when the new steps still have it.
-			a.engine.rolloutMu.Lock()
-			if carried := carryProgress(ramp, old.ramp.Load().Progress(), false); carried {
-				run.restored, run.stamp, run.killOverride = true, old.stamp, old.killOverride
-			}
-			a.engine.rolloutMu.Unlock()
-		}
 		a.rollouts[rc.Flag] = run
 	}
 	return nil
@@ -228,7 +270,22 @@ func (a *App) startRollouts(ctx context.Context) {
 		}
 	}
 	e.mu.Lock()
+	a.previousRollouts = e.rollouts.Load()
 	previous := e.rolloutsView()
+	// A rollout whose configuration changed carries on from where the
+	// replaced config's ramp is now (it stops changing with this swap: the
+	// ticker follows the engine's rollouts), when its step is still there.
+	e.rolloutMu.Lock()
+	for flag, run := range a.rollouts {
+		old := previous[flag]
+		if old == nil || old == run {
+			continue
+		}
+		if carryProgress(run.ramp.Load(), old.ramp.Load().Progress(), false) {
+			run.restored, run.rev, run.stamp, run.attempt, run.killOverride = true, old.rev, old.stamp, old.attempt, old.killOverride
+		}
+	}
+	e.rolloutMu.Unlock()
 	e.rollouts.Store(&a.rollouts)
 	e.apply()
 	e.mu.Unlock()
@@ -242,6 +299,21 @@ func (a *App) startRollouts(ctx context.Context) {
 	}
 	if len(a.rollouts) > 0 {
 		a.goEvery(ctx, rolloutTickInterval, a.tickRollouts)
+	}
+}
+
+// stopRollouts puts the previous config's rollouts back in force when this
+// app's are still the ones in force: that happens when a reload fails after
+// this app started, and Caddy keeps the previous config running.
+func (a *App) stopRollouts() {
+	e := a.engine
+	if e == nil {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.rollouts.CompareAndSwap(&a.rollouts, a.previousRollouts) {
+		e.apply()
 	}
 }
 
@@ -349,11 +421,13 @@ func (a *App) rolloutChanged(ctx context.Context, run *rolloutRun, kind string, 
 	}
 }
 
-// rolloutAction applies an operator's action to a flag's rollout.
-func (a *App) rolloutAction(ctx context.Context, flag, action string) (rollout.Status, error) {
-	run := a.engine.rolloutRun(flag)
+// rolloutAction applies an operator's action to a flag's rollout and returns
+// the run it acted on.
+func (a *App) rolloutAction(ctx context.Context, flag, action string) (*rolloutRun, error) {
+	e := a.engine
+	run := e.rolloutRun(flag)
 	if run == nil {
-		return rollout.Status{}, errNoRollout
+		return nil, errNoRollout
 	}
 	now := time.Now()
 	ramp := run.ramp.Load()
@@ -370,42 +444,46 @@ func (a *App) rolloutAction(ctx context.Context, flag, action string) (rollout.S
 		err = ramp.Abort(now)
 		kind = "aborted"
 	case "resume":
-		switch ramp.State() {
-		case rollout.RolledBack, rollout.Aborted:
-			// An ended ramp starts over from its first step; the kill a
-			// rollback set is lifted, as the operator asked to try again.
-			fresh, nerr := rollout.NewRamp(run.cfg, now)
-			if nerr != nil {
-				return rollout.Status{}, nerr
-			}
-			run.ramp.Store(fresh)
-			a.engine.rolloutMu.Lock()
-			lift := run.killOverride
-			run.killOverride = false
-			a.engine.rolloutMu.Unlock()
-			if lift {
-				if o, ok := a.engine.overridesSnapshot()[flag]; ok && o == (eval.Override{Killed: true}) {
-					if _, err := a.setOverride(ctx, flag, nil); err != nil {
-						return rollout.Status{}, fmt.Errorf("lifting the rollback's kill override: %w", err)
-					}
+		if state := ramp.State(); state != rollout.RolledBack && state != rollout.Aborted {
+			err = ramp.Resume(now)
+			break
+		}
+		// An ended ramp starts over from its first step, as a new attempt.
+		// The kill a rollback set is lifted first, as the operator asked to
+		// try again: if that fails, nothing has changed.
+		e.rolloutMu.Lock()
+		lift := run.killOverride
+		e.rolloutMu.Unlock()
+		if lift {
+			if o, ok := e.overridesSnapshot()[flag]; ok && o == (eval.Override{Killed: true}) {
+				if _, err := a.setOverride(ctx, flag, nil); err != nil {
+					return nil, fmt.Errorf("lifting the rollback's kill override: %w", err)
 				}
 			}
-			kind = "restarted"
-		default:
-			err = ramp.Resume(now)
 		}
+		fresh, err := rollout.NewRamp(run.cfg, now)
+		if err != nil {
+			return nil, err
+		}
+		e.rolloutMu.Lock()
+		run.ramp.Store(fresh)
+		run.killOverride = false
+		run.attempt++
+		e.rolloutMu.Unlock()
+		kind = "restarted"
 	default:
-		return rollout.Status{}, fmt.Errorf("unknown rollout action %q", action)
+		return nil, fmt.Errorf("%w %q", errUnknownAction, action)
 	}
 	if err != nil {
-		return rollout.Status{}, err
+		return nil, err
 	}
 	a.rolloutChanged(ctx, run, kind, rollout.Event{})
-	return run.ramp.Load().Status(), nil
+	return run, nil
 }
 
 var (
 	errNoRollout       = errors.New("no rollout is configured for this flag")
+	errUnknownAction   = errors.New("unknown rollout action")
 	errCorruptRollouts = errors.New("stored rollout progress is not valid JSON")
 )
 
@@ -450,19 +528,22 @@ func (a *App) rolloutStatuses() []rolloutStatus {
 }
 
 // persistRollout writes run's progress to storage, under the storage lock so
-// that instances sharing it do not overwrite each other's other rollouts.
+// that instances sharing it do not overwrite each other's other rollouts. The
+// progress is read inside the lock, so the record is this instance's latest
+// whatever order concurrent changes arrive in. A change another instance made
+// since this one last looked, of a later attempt or ending the rollout, wins
+// over a change made here that does neither: it is adopted, not overwritten.
 func (a *App) persistRollout(ctx context.Context, run *rolloutRun) {
 	e := a.engine
-	rec := storedRollout{Fingerprint: run.fingerprint, Progress: run.ramp.Load().Progress(), UpdatedAt: time.Now().UTC()}
-	e.rolloutMu.Lock()
-	rec.KillOverride = run.killOverride
-	run.stamp = rec.UpdatedAt
-	e.rolloutMu.Unlock()
 	if a.storage == nil {
+		e.rolloutMu.Lock()
+		run.rev, run.stamp = run.rev+1, time.Now().UTC()
+		e.rolloutMu.Unlock()
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
 	defer cancel()
+	adopted := false
 	err := a.withStorageLock(ctx, rolloutsLockName, func() error {
 		doc, err := a.readRollouts(ctx)
 		if errors.Is(err, errCorruptRollouts) {
@@ -472,15 +553,51 @@ func (a *App) persistRollout(ctx context.Context, run *rolloutRun) {
 		} else if err != nil {
 			return err
 		}
+		e.rolloutMu.Lock()
+		defer e.rolloutMu.Unlock()
+		stored, ok := doc.Rollouts[run.flag]
+		if ok && stored.Fingerprint == run.fingerprint && stored.Rev > run.rev {
+			ours := run.ramp.Load().Progress()
+			if stored.Attempt > run.attempt ||
+				(stored.Attempt == run.attempt && ended(stored.Progress.State) && !ended(ours.State)) {
+				adopted = run.adoptLocked(stored)
+				return nil
+			}
+		}
+		rec := storedRollout{Fingerprint: run.fingerprint, Progress: run.ramp.Load().Progress(),
+			KillOverride: run.killOverride, Rev: max(stored.Rev, run.rev) + 1, Attempt: run.attempt,
+			UpdatedAt: time.Now().UTC()}
 		doc.Rollouts[run.flag] = rec
 		data, err := json.Marshal(doc)
 		if err != nil {
 			return err
 		}
-		return a.storage.Store(ctx, a.storageKey(rolloutsKey), data)
+		if err := a.storage.Store(ctx, a.storageKey(rolloutsKey), data); err != nil {
+			return err
+		}
+		run.rev, run.stamp = rec.Rev, rec.UpdatedAt
+		return nil
 	})
 	if err != nil {
 		a.logger.Error("storing rollout progress; it is kept in memory", zap.String("flag", run.flag), zap.Error(err))
+	}
+	if adopted {
+		a.rolloutsAdopted(run)
+	}
+}
+
+// rolloutsAdopted puts progress adopted from storage in force.
+func (a *App) rolloutsAdopted(runs ...*rolloutRun) {
+	e := a.engine
+	e.mu.Lock()
+	e.apply()
+	e.mu.Unlock()
+	for _, run := range runs {
+		ramp := run.ramp.Load()
+		p := ramp.Progress()
+		rolloutPercentage.WithLabelValues(run.flag).Set(ramp.Percentage())
+		a.logger.Info("rollout progress adopted from storage", zap.String("flag", run.flag),
+			zap.String("state", string(p.State)), zap.Int("step", p.Step+1))
 	}
 }
 
@@ -541,7 +658,7 @@ func (a *App) restoreRollouts(ctx context.Context) {
 			continue
 		}
 		if carryProgress(run.ramp.Load(), rec.Progress, rec.Fingerprint == run.fingerprint) {
-			run.stamp, run.killOverride = rec.UpdatedAt, rec.KillOverride
+			run.rev, run.stamp, run.attempt, run.killOverride = rec.Rev, rec.UpdatedAt, rec.Attempt, rec.KillOverride
 			a.logger.Info("rollout progress restored", zap.String("flag", flag),
 				zap.String("state", string(rec.Progress.State)), zap.Int("step", rec.Progress.Step+1))
 		} else {
@@ -577,44 +694,17 @@ func (a *App) syncRollouts(ctx context.Context) {
 		a.logger.Warn("syncing rollout progress from storage", zap.Error(err))
 		return
 	}
-	changed := false
+	var adopted []*rolloutRun
 	e.rolloutMu.Lock()
 	e.rolloutsStamp = info.Modified
 	for flag, run := range runs {
 		rec, ok := doc.Rollouts[flag]
-		if !ok || rec.Fingerprint != run.fingerprint || !rec.UpdatedAt.After(run.stamp) {
-			continue
+		if ok && rec.Fingerprint == run.fingerprint && rec.Rev > run.rev && run.adoptLocked(rec) {
+			adopted = append(adopted, run)
 		}
-		run.stamp = rec.UpdatedAt
-		ramp := run.ramp.Load()
-		cur := ramp.Progress()
-		if cur.State == rec.Progress.State && cur.Step == rec.Progress.Step {
-			continue
-		}
-		if cur.State != rollout.Running && cur.State != rollout.Paused && cur.State != rollout.Held {
-			// This ramp has ended here; a restart elsewhere starts a fresh one.
-			fresh, err := rollout.NewRamp(run.cfg, time.Now())
-			if err != nil {
-				continue
-			}
-			ramp = fresh
-		}
-		if err := ramp.Restore(rec.Progress); err != nil {
-			continue
-		}
-		run.ramp.Store(ramp)
-		run.killOverride = rec.KillOverride
-		changed = true
-		a.logger.Info("rollout progress adopted from storage", zap.String("flag", flag),
-			zap.String("state", string(rec.Progress.State)), zap.Int("step", rec.Progress.Step+1))
 	}
 	e.rolloutMu.Unlock()
-	if changed {
-		e.mu.Lock()
-		e.apply()
-		e.mu.Unlock()
-		for _, run := range runs {
-			rolloutPercentage.WithLabelValues(run.flag).Set(run.ramp.Load().Percentage())
-		}
+	if len(adopted) > 0 {
+		a.rolloutsAdopted(adopted...)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -400,16 +401,40 @@ func TestRolloutProgressSurvivesRestartAndIsShared(t *testing.T) {
 		st := rolloutStatusOf(t, fmt.Sprintf("http://localhost:%d", adminB), "checkout")
 		return st.State == rollout.Paused && st.Percentage == 50
 	})
-	expectCap(t, fmt.Sprintf("127.0.0.1:%d", httpB), 50, 60)
+	addrB := fmt.Sprintf("127.0.0.1:%d", httpB)
+	expectCap(t, addrB, 50, 60)
+
+	// An abort on the second instance ends the rollout on both; a restart
+	// on the first begins a new attempt, which the second follows from its
+	// ended state.
+	if code, body := adminDo(t, http.MethodPost, fmt.Sprintf("http://localhost:%d/feature_flags/rollouts/checkout/abort", adminB), ""); code != 200 {
+		t.Fatalf("abort on the second instance: %d %s", code, body)
+	}
+	waitUntil(t, 5*time.Second, "the first instance to adopt the abort", func() bool {
+		return rolloutStatusOf(t, admin, "checkout").State == rollout.Aborted
+	})
+	if got := routesTo(t, addr, 30); got != "old" {
+		t.Fatalf("first instance after the abort: %s", got)
+	}
+	for _, action := range []string{"resume", "promote"} {
+		if code, body := adminDo(t, http.MethodPost, admin+"/feature_flags/rollouts/checkout/"+action, ""); code != 200 {
+			t.Fatalf("%s on the first instance: %d %s", action, code, body)
+		}
+	}
+	waitUntil(t, 5*time.Second, "the second instance to follow the new attempt", func() bool {
+		st := rolloutStatusOf(t, fmt.Sprintf("http://localhost:%d", adminB), "checkout")
+		return st.State == rollout.Running && st.Percentage == 25
+	})
+	expectCap(t, addrB, 25, 60)
 	second.stop()
 	first.stop()
 
 	startCaddy(t, adminPort, config)
 	st := rolloutStatusOf(t, admin, "checkout")
-	if st.State != rollout.Paused || st.Step != 2 || st.Percentage != 50 {
+	if st.State != rollout.Running || st.Step != 1 || st.Percentage != 25 {
 		t.Fatalf("after a restart: %+v", st)
 	}
-	expectCap(t, addr, 50, 60)
+	expectCap(t, addr, 25, 60)
 }
 
 var _ caddyevents.Handler = eventRecorder{}
@@ -526,4 +551,41 @@ func TestRolloutWithUnreadableStoredProgress(t *testing.T) {
 		t.Fatalf("stored progress after promote: %s %v", data, err)
 	}
 	expectCap(t, "127.0.0.1:9080", 60, 50)
+}
+
+// A reload that fails leaves the running config's rollouts in force, whichever
+// order Caddy started the new config's apps in before the failure.
+func TestRolloutsOfAFailedReloadAreNotKept(t *testing.T) {
+	storage := inProcessDir(t)
+	defsFile := filepath.Join(storage, "flags.json")
+	writeFileAtomically(t, defsFile, checkoutDefs(100))
+	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
+	tester := caddytest.NewTester(t)
+	tester.InitServer(rolloutSite(globalsWithStorage(storage), defsFile, "rollout checkout {\n\t\t\tsteps 50 100\n\t\t}", old, nu, ""), "caddyfile")
+
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	broken := rolloutSite(globalsWithStorage(storage), defsFile, "rollout checkout {\n\t\t\tsteps 10 100\n\t\t}", old, nu, "") +
+		"\nhttp://" + busy.Addr().String() + " {\n\trespond ok\n}\n"
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(broken), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for attempt := 0; attempt < 5; attempt++ {
+		resp, err := http.Post("http://localhost:2999/load", "application/json", strings.NewReader(string(adapted)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			t.Fatal("a config listening on a busy port loaded")
+		}
+		if st := rolloutStatusOf(t, "http://localhost:2999", "checkout"); st.Percentage != 50 {
+			t.Fatalf("after a failed reload the rollout is at %v %%, want the running config's 50 %%", st.Percentage)
+		}
+		expectCap(t, "127.0.0.1:9080", 50, 40)
+	}
 }

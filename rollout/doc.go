@@ -4,9 +4,9 @@
 //
 // A proxy that routes by a flag sees every response of both sides: control
 // (users still on the old side) and treatment (users moved to the new side).
-// It reports each one to [Ramp.Observe], which only touches atomic counters, and
-// calls [Ramp.Tick] about once a second. Tick folds what was observed since the
-// previous tick into the guardrails and moves the ramp along: to the next step
+// It reports each one to [Ramp.Observe], which only touches atomic counters,
+// and calls [Ramp.Tick] a few times a second. Tick folds what was observed
+// since the previous tick into the guardrails and moves the ramp along: to the next step
 // once the current one has lasted long enough and carried enough treatment
 // traffic, or to RolledBack or Held as soon as a guardrail is breached. The
 // proxy enforces [Ramp.Percentage] and forces the flag off while [Ramp.Killed].

@@ -95,12 +95,16 @@ type Test struct {
 	breached           bool
 }
 
+// MaxFactor bounds a guardrail's factor. Beyond it the test's arithmetic
+// would overflow, and no guardrail that lenient is meaningful.
+const MaxFactor = 1e6
+
 // NewTest returns a test of "treatment's event rate ≤ factor × control's" at
 // level alpha. The factor must be at least 1 (a guardrail that tolerates no
 // difference uses 1) and alpha must lie in (0, 1).
 func NewTest(factor, alpha float64) (*Test, error) {
-	if !(factor >= 1) || math.IsInf(factor, 1) {
-		return nil, fmt.Errorf("rollout: test factor %v: must be a finite number >= 1", factor)
+	if !(factor >= 1 && factor <= MaxFactor) {
+		return nil, fmt.Errorf("rollout: test factor %v: must be in [1, %g]", factor, float64(MaxFactor))
 	}
 	if !(alpha > 0 && alpha < 1) {
 		return nil, fmt.Errorf("rollout: test alpha %v: must be in (0, 1)", alpha)

@@ -89,15 +89,15 @@ func (g GuardrailConfig) String() string {
 }
 
 func (g GuardrailConfig) validate() error {
-	finite := !math.IsInf(g.Factor, 0)
+	finite := g.Factor <= MaxFactor
 	switch g.Kind {
 	case KindErrorRate:
 		if !(g.Factor >= 1) || !finite {
-			return fmt.Errorf("error_rate factor %v: must be a finite number >= 1", g.Factor)
+			return fmt.Errorf("error_rate factor %v: must be in [1, %g]", g.Factor, float64(MaxFactor))
 		}
 	case KindLatency:
 		if g.Factor != 0 && !(g.Factor >= 1) || !finite {
-			return fmt.Errorf("latency factor %v: must be a finite number >= 1 (or 0 for 1)", g.Factor)
+			return fmt.Errorf("latency factor %v: must be in [1, %g] (or 0 for 1)", g.Factor, float64(MaxFactor))
 		}
 		if !(g.Quantile > 0 && g.Quantile < 1) {
 			return fmt.Errorf("latency quantile %v: must be in (0, 1)", g.Quantile)
