@@ -287,8 +287,10 @@ func (h *Handler) bind(defs *eval.Definitions) *boundSet {
 		for v, value := range values {
 			b.metrics[i][v].flag, b.metrics[i][v].value = key, value
 		}
-		// Ramps change only with a new definitions generation (the engine
-		// re-applies overrides when they do), so binding them here is safe.
+		// The rollouts in force change only with a new definitions
+		// generation (installing them re-applies overrides), so the run can
+		// be bound here; its ramp, which a restart replaces, is loaded per
+		// request.
 		if run := h.app.engine.rolloutRun(key); run != nil {
 			b.rollouts = append(b.rollouts, boundRollout{index: i, run: run})
 		}

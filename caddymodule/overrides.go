@@ -93,6 +93,21 @@ func (a *App) setOverride(ctx context.Context, key string, o *eval.Override) (bo
 	return existed, nil
 }
 
+// withStorageLock runs f holding the storage lock called name, which every
+// instance sharing the storage takes around its read-modify-write.
+func (a *App) withStorageLock(ctx context.Context, name string, f func() error) error {
+	key := a.storageKey(name)
+	if err := a.storage.Lock(ctx, key); err != nil {
+		return fmt.Errorf("locking %s in storage: %w", name, err)
+	}
+	defer func() {
+		if err := a.storage.Unlock(context.Background(), key); err != nil {
+			a.logger.Warn("unlocking storage", zap.String("lock", name), zap.Error(err))
+		}
+	}()
+	return f()
+}
+
 func (a *App) readOverrides(ctx context.Context) (storedOverrides, error) {
 	doc := storedOverrides{Overrides: map[string]eval.Override{}}
 	data, err := a.storage.Load(ctx, a.storageKey(overridesKey))

@@ -248,8 +248,7 @@ func (a *App) provisionRollouts() error {
 // only carried for the same configuration: a changed configuration is a new
 // attempt.
 func carryProgress(ramp *rollout.Ramp, p rollout.Progress, sameConfig bool) bool {
-	ended := p.State == rollout.Completed || p.State == rollout.RolledBack || p.State == rollout.Aborted
-	if ended && !sameConfig {
+	if ended(p.State) && !sameConfig {
 		return false
 	}
 	return ramp.Restore(p) == nil
@@ -601,19 +600,6 @@ func (a *App) rolloutsAdopted(runs ...*rolloutRun) {
 	}
 }
 
-func (a *App) withStorageLock(ctx context.Context, name string, f func() error) error {
-	key := a.storageKey(name)
-	if err := a.storage.Lock(ctx, key); err != nil {
-		return fmt.Errorf("locking %s in storage: %w", name, err)
-	}
-	defer func() {
-		if err := a.storage.Unlock(context.Background(), key); err != nil {
-			a.logger.Warn("unlocking storage", zap.String("lock", name), zap.Error(err))
-		}
-	}()
-	return f()
-}
-
 func (a *App) readRollouts(ctx context.Context) (storedRollouts, error) {
 	doc := storedRollouts{Rollouts: map[string]storedRollout{}}
 	data, err := a.storage.Load(ctx, a.storageKey(rolloutsKey))
@@ -690,13 +676,16 @@ func (a *App) syncRollouts(ctx context.Context) {
 		return
 	}
 	doc, err := a.readRollouts(ctx)
+	e.rolloutMu.Lock()
+	// Remembered even when unreadable, so a bad version is reported once.
+	e.rolloutsStamp = info.Modified
+	e.rolloutMu.Unlock()
 	if err != nil {
 		a.logger.Warn("syncing rollout progress from storage", zap.Error(err))
 		return
 	}
 	var adopted []*rolloutRun
 	e.rolloutMu.Lock()
-	e.rolloutsStamp = info.Modified
 	for flag, run := range runs {
 		rec, ok := doc.Rollouts[flag]
 		if ok && rec.Fingerprint == run.fingerprint && rec.Rev > run.rev && run.adoptLocked(rec) {
