@@ -61,6 +61,17 @@ func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() boo
 	}
 }
 
+// checkoutProxy is the reverse_proxy of the checkout test sites: users with
+// checkout on reach nu, everyone else old.
+func checkoutProxy(old, nu *upstream) string {
+	return fmt.Sprintf(`reverse_proxy %s %s {
+		lb_policy feature_flag checkout {
+			true %s
+			default %s
+		}
+	}`, old.dial(), nu.dial(), nu.dial(), old.dial())
+}
+
 // postHogSite is a Caddyfile polling definitions from the PostHog at host and
 // routing by checkout between old and new; posthogExtra goes into the posthog
 // block, siteExtra into the site.
@@ -82,14 +93,9 @@ func postHogSite(storageDir, host string, old, nu *upstream, posthogExtra, siteE
 :9080 {
 	feature_flags
 	%s
-	reverse_proxy %s %s {
-		lb_policy feature_flag checkout {
-			true %s
-			default %s
-		}
-	}
+	%s
 }`, globalsWithStorage(storageDir), host, testProjectKey, testPersonalKey, posthogExtra, siteExtra,
-		old.dial(), nu.dial(), nu.dial(), old.dial())
+		checkoutProxy(old, nu))
 }
 
 func TestLiveDefinitionsFromPostHog(t *testing.T) {

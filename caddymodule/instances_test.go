@@ -33,13 +33,8 @@ func instanceConfig(adminPort, httpPort int, storage, posthogURL string, old, nu
 }
 :%d {
 	feature_flags
-	reverse_proxy %s %s {
-		lb_policy feature_flag checkout {
-			true %s
-			default %s
-		}
-	}
-}`, adminPort, storage, posthogURL, testProjectKey, testPersonalKey, httpPort, old.dial(), nu.dial(), nu.dial(), old.dial())
+	%s
+}`, adminPort, storage, posthogURL, testProjectKey, testPersonalKey, httpPort, checkoutProxy(old, nu))
 }
 
 func adminStatusOf(t *testing.T, admin string) adminStatus {

@@ -104,13 +104,8 @@ func rolloutSite(globalOpts, defsFile, rolloutBlock string, old, nu *upstream, e
 }
 :9080 {
 	feature_flags
-	reverse_proxy %s %s {
-		lb_policy feature_flag checkout {
-			true %s
-			default %s
-		}
-	}
-}`, globalOpts, defsFile, extra, rolloutBlock, old.dial(), nu.dial(), nu.dial(), old.dial())
+	%s
+}`, globalOpts, defsFile, extra, rolloutBlock, checkoutProxy(old, nu))
 }
 
 // withEventRecorder adapts a Caddyfile and subscribes the event recorder to
@@ -374,13 +369,8 @@ func TestRolloutProgressSurvivesRestartAndIsShared(t *testing.T) {
 }
 :%d {
 	feature_flags
-	reverse_proxy %s %s {
-		lb_policy feature_flag checkout {
-			true %s
-			default %s
-		}
-	}
-}`, adminPort, storage, defsFile, httpPort, old.dial(), nu.dial(), nu.dial(), old.dial())
+	%s
+}`, adminPort, storage, defsFile, httpPort, checkoutProxy(old, nu))
 	}
 	config := configFor(adminPort, httpPort)
 	admin := fmt.Sprintf("http://localhost:%d", adminPort)
