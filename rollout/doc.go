@@ -18,4 +18,12 @@
 // guardrail ever fires while treatment is no worse than its allowance is at
 // most alpha. A guardrail that has seen too little data simply does not fire;
 // it never blocks a step.
+//
+// A [Runtime] runs the rollouts of one instance across configuration reloads
+// and shares their progress with the other instances using the same storage,
+// through a document of package storedoc. Every change, whether a tick's
+// promotion or rollback or an operator's action, is one locked
+// read-modify-write of that document that first takes over the stored
+// progress where it supersedes this instance's (see Run's ordering rules),
+// then makes the change, then writes it.
 package rollout

@@ -172,7 +172,9 @@ const (
 	Aborted    State = "aborted"     // stopped by an operator
 )
 
-func (s State) final() bool { return s == RolledBack || s == Completed || s == Aborted }
+// Ended reports whether s is final: RolledBack, Completed or Aborted. Only
+// starting the rollout over (a new attempt) leaves an ended state.
+func (s State) Ended() bool { return s == RolledBack || s == Completed || s == Aborted }
 
 func (s State) valid() bool {
 	switch s {
@@ -331,6 +333,25 @@ func (r *Ramp) Tick(now time.Time) Event {
 	return Event{}
 }
 
+// Due reports whether Tick would make a transition now. It folds the
+// observations so far, as Tick does, and changes nothing else, so a caller
+// can find out cheaply whether a change (which it may have to persist) is
+// coming before it prepares for one.
+func (r *Ramp) Due(now time.Time) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.fold()
+	if r.state != Running && r.state != Paused {
+		return false
+	}
+	for _, g := range r.guards {
+		if g.test.Breached() {
+			return true
+		}
+	}
+	return r.state == Running && r.stepDone(now)
+}
+
 // fold feeds every guardrail the counts since its last fold.
 func (r *Ramp) fold() {
 	var errs, reqs [2]uint64
@@ -484,7 +505,7 @@ func (r *Ramp) Resume(now time.Time) error {
 func (r *Ramp) Promote(now time.Time) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.state.final() {
+	if r.state.Ended() {
 		return fmt.Errorf("%w: cannot promote a ramp that is %s", ErrInvalidTransition, r.state)
 	}
 	r.advance(now)
@@ -496,7 +517,7 @@ func (r *Ramp) Promote(now time.Time) error {
 func (r *Ramp) Abort(now time.Time) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.state.final() {
+	if r.state.Ended() {
 		return fmt.Errorf("%w: cannot abort a ramp that is %s", ErrInvalidTransition, r.state)
 	}
 	r.setState(Aborted, now)
@@ -658,6 +679,53 @@ func (r *Ramp) Progress() Progress {
 // statistics and per-step counts restart, and the step clock resumes from
 // p.StepStartedAt.
 func (r *Ramp) Restore(p Progress) error {
+	if err := r.checkProgress(p); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.step = p.Step
+	r.reason = p.Reason
+	r.startStep(p.StepStartedAt)
+	r.resetTests()
+	for _, g := range r.latency {
+		g.threshold.Store(-1)
+		g.hist.Reset()
+	}
+	r.setState(p.State, p.changedAt())
+	return nil
+}
+
+// Follow moves the ramp to p, progress another instance made on the same
+// rollout, keeping the guardrail statistics: they judge this instance's own
+// traffic, which a promotion or pause elsewhere does not make less telling,
+// just as they carry over a promotion made here. The step clock and per-step
+// counts restart only when p is on another step, or that step started at
+// another time.
+func (r *Ramp) Follow(p Progress) error {
+	if err := r.checkProgress(p); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if p.Step != r.step || !p.StepStartedAt.Equal(r.stepStart) {
+		r.step = p.Step
+		r.startStep(p.StepStartedAt)
+	}
+	r.reason = p.Reason
+	r.setState(p.State, p.changedAt())
+	return nil
+}
+
+func (p Progress) changedAt() time.Time {
+	if p.ChangedAt.IsZero() {
+		return p.StepStartedAt
+	}
+	return p.ChangedAt
+}
+
+// checkProgress checks p against the ramp's configuration.
+func (r *Ramp) checkProgress(p Progress) error {
 	if !p.State.valid() {
 		return fmt.Errorf("rollout: restore: unknown state %q", p.State)
 	}
@@ -671,20 +739,5 @@ func (r *Ramp) Restore(p Progress) error {
 	if p.StepStartedAt.IsZero() {
 		return errors.New("rollout: restore: no step start time")
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.step = p.Step
-	r.reason = p.Reason
-	r.startStep(p.StepStartedAt)
-	r.resetTests()
-	for _, g := range r.latency {
-		g.threshold.Store(-1)
-		g.hist.Reset()
-	}
-	changed := p.ChangedAt
-	if changed.IsZero() {
-		changed = p.StepStartedAt
-	}
-	r.setState(p.State, changed)
 	return nil
 }
