@@ -17,13 +17,16 @@ const DefaultMaxBackoff = 5 * time.Minute
 
 // Handlers receive what the poller learns. Each is optional.
 type Handlers struct {
-	// Definitions receives a new definitions body. An error means the body
-	// could not be used (the last good definitions stay, the ETag is not
-	// stored, and the attempt counts as a failure).
+	// Definitions receives a new definitions body and its validator (""
+	// when PostHog sent none: a 200 without an ETag clears the stored one,
+	// as PostHog's SDKs do). An error means the body could not be used: the
+	// last good definitions and their validator stay, and the attempt
+	// counts as a failure.
 	Definitions func(body []byte, etag string) error
-	// NotModified is called on a 304.
-	NotModified func()
-	// QuotaLimited is called on a 402: drop the definitions.
+	// NotModified is called on a 304, with the validator it came with.
+	NotModified func(etag string)
+	// QuotaLimited is called on a 402: drop the definitions (and their
+	// validator).
 	QuotaLimited func(detail string)
 	// Unauthorized is called on a 401 or 403: the key is wrong. The last good
 	// definitions should keep serving.
@@ -33,34 +36,22 @@ type Handlers struct {
 	Failure func(err error, consecutive int, retryIn time.Duration)
 }
 
-// Poller fetches definitions periodically.
+// Poller fetches definitions periodically. It keeps no copy of the
+// definitions' validator: Validator asks for the one of the definitions in
+// force, which the consumer stores with them.
 type Poller struct {
 	Client   *Client
 	Handlers Handlers
+	// Validator returns the ETag to send as If-None-Match ("" or nil: none).
+	Validator func() string
 	// Interval between successful polls. Default: DefaultPollInterval.
 	Interval time.Duration
 	// MaxBackoff caps the back-off after failures. Default: DefaultMaxBackoff.
 	MaxBackoff time.Duration
 
 	mu          sync.Mutex // serialises fetches and guards the fields below
-	etag        string
 	consecutive int
 	kick        chan struct{}
-}
-
-// SetETag sets the validator to send with the next request (e.g. the one
-// stored with a last-known-good copy).
-func (p *Poller) SetETag(etag string) {
-	p.mu.Lock()
-	p.etag = etag
-	p.mu.Unlock()
-}
-
-// ETag returns the stored validator.
-func (p *Poller) ETag() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.etag
 }
 
 // Run polls until ctx is done. The first fetch happens at once.
@@ -112,7 +103,11 @@ func (p *Poller) poll(ctx context.Context) time.Duration {
 }
 
 func (p *Poller) fetchLocked(ctx context.Context) (Outcome, error) {
-	resp, err := p.Client.FetchDefinitions(ctx, p.etag)
+	etag := ""
+	if p.Validator != nil {
+		etag = p.Validator()
+	}
+	resp, err := p.Client.FetchDefinitions(ctx, etag)
 	if err == nil && resp.Outcome == Modified && p.Handlers.Definitions != nil {
 		err = p.Handlers.Definitions(resp.Body, resp.ETag)
 	}
@@ -127,16 +122,11 @@ func (p *Poller) fetchLocked(ctx context.Context) (Outcome, error) {
 	}
 	p.consecutive = 0
 	switch resp.Outcome {
-	case Modified:
-		// A 200 without an ETag clears the stored one, as PostHog's SDKs do.
-		p.etag = resp.ETag
 	case NotModified:
-		p.etag = resp.ETag
 		if p.Handlers.NotModified != nil {
-			p.Handlers.NotModified()
+			p.Handlers.NotModified(resp.ETag)
 		}
 	case QuotaLimited:
-		p.etag = ""
 		if p.Handlers.QuotaLimited != nil {
 			p.Handlers.QuotaLimited(resp.Detail)
 		}

@@ -102,6 +102,7 @@ type recorder struct {
 	unauth      []int
 	failures    []time.Duration
 	reject      bool
+	etag        string // the validator of the definitions taken
 }
 
 func (r *recorder) handlers() Handlers {
@@ -113,10 +114,11 @@ func (r *recorder) handlers() Handlers {
 				return errors.New("unusable definitions")
 			}
 			r.bodies = append(r.bodies, string(body))
+			r.etag = etag
 			return nil
 		},
-		NotModified:  func() { r.mu.Lock(); r.notModified++; r.mu.Unlock() },
-		QuotaLimited: func(string) { r.mu.Lock(); r.quota++; r.mu.Unlock() },
+		NotModified:  func(etag string) { r.mu.Lock(); r.notModified++; r.etag = etag; r.mu.Unlock() },
+		QuotaLimited: func(string) { r.mu.Lock(); r.quota++; r.etag = ""; r.mu.Unlock() },
 		Unauthorized: func(status int, _ string) { r.mu.Lock(); r.unauth = append(r.unauth, status); r.mu.Unlock() },
 		Failure: func(_ error, _ int, retry time.Duration) {
 			r.mu.Lock()
@@ -130,7 +132,20 @@ func (r *recorder) snapshot() recorder {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return recorder{bodies: append([]string(nil), r.bodies...), notModified: r.notModified, quota: r.quota,
-		unauth: append([]int(nil), r.unauth...), failures: append([]time.Duration(nil), r.failures...)}
+		unauth: append([]int(nil), r.unauth...), failures: append([]time.Duration(nil), r.failures...), etag: r.etag}
+}
+
+// validator is the ETag of the definitions the recorder took.
+func (r *recorder) validator() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.etag
+}
+
+func (r *recorder) setValidator(etag string) {
+	r.mu.Lock()
+	r.etag = etag
+	r.mu.Unlock()
 }
 
 func eventually(t *testing.T, what string, cond func() bool) {
@@ -148,7 +163,7 @@ func TestPollerPicksUpChangesAndRevalidatesCheaply(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
 	defer srv.Close()
 	rec := &recorder{}
-	p := &Poller{Client: newClient(srv), Handlers: rec.handlers(), Interval: 10 * time.Millisecond}
+	p := &Poller{Client: newClient(srv), Handlers: rec.handlers(), Validator: rec.validator, Interval: 10 * time.Millisecond}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { p.Run(ctx); close(done) }()
@@ -159,8 +174,8 @@ func TestPollerPicksUpChangesAndRevalidatesCheaply(t *testing.T) {
 	}
 	srv.SetDefinitions([]byte(defsV2))
 	eventually(t, "the change", func() bool { return len(rec.snapshot().bodies) == 2 })
-	if rec.snapshot().bodies[1] != defsV2 || p.ETag() != srv.ETag() {
-		t.Errorf("got %q with ETag %q", rec.snapshot().bodies[1], p.ETag())
+	if rec.snapshot().bodies[1] != defsV2 || rec.validator() != srv.ETag() {
+		t.Errorf("got %q with ETag %q", rec.snapshot().bodies[1], rec.validator())
 	}
 	cancel()
 	select {
@@ -174,7 +189,7 @@ func TestPollerBacksOffAndRecovers(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
 	defer srv.Close()
 	rec := &recorder{}
-	p := &Poller{Client: newClient(srv), Handlers: rec.handlers(), Interval: 10 * time.Millisecond, MaxBackoff: 40 * time.Millisecond}
+	p := &Poller{Client: newClient(srv), Handlers: rec.handlers(), Validator: rec.validator, Interval: 10 * time.Millisecond, MaxBackoff: 40 * time.Millisecond}
 	srv.FailWith(http.StatusInternalServerError)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -205,10 +220,10 @@ func TestPollerOutcomes(t *testing.T) {
 	if o, err := p.Refresh(ctx); err != nil || o != Modified {
 		t.Fatalf("refresh: %v %v", o, err)
 	}
-	etag := p.ETag()
+	etag := rec.validator()
 	srv.FailWith(http.StatusPaymentRequired)
-	if o, err := p.Refresh(ctx); err != nil || o != QuotaLimited || rec.snapshot().quota != 1 || p.ETag() != "" {
-		t.Errorf("402: %v %v, etag %q", o, err, p.ETag())
+	if o, err := p.Refresh(ctx); err != nil || o != QuotaLimited || rec.snapshot().quota != 1 || rec.validator() != "" {
+		t.Errorf("402: %v %v, etag %q", o, err, rec.validator())
 	}
 	srv.FailWith(http.StatusUnauthorized)
 	if o, err := p.Refresh(ctx); err != nil || o != Unauthorized || len(rec.snapshot().unauth) != 1 {
@@ -217,18 +232,18 @@ func TestPollerOutcomes(t *testing.T) {
 	// Unusable definitions: reported as a failure, the ETag is not kept, so
 	// the next poll fetches them again.
 	srv.FailWith(0)
-	p.SetETag(etag)
+	rec.setValidator(etag)
 	srv.SetDefinitions([]byte(defsV2))
 	rec.mu.Lock()
 	rec.reject = true
 	rec.mu.Unlock()
-	if _, err := p.Refresh(ctx); err == nil || p.ETag() != etag {
-		t.Errorf("rejected definitions: err %v, etag %q (was %q)", err, p.ETag(), etag)
+	if _, err := p.Refresh(ctx); err == nil || rec.validator() != etag {
+		t.Errorf("rejected definitions: err %v, etag %q (was %q)", err, rec.validator(), etag)
 	}
 	rec.mu.Lock()
 	rec.reject = false
 	rec.mu.Unlock()
-	if o, err := p.Refresh(ctx); err != nil || o != Modified || p.ETag() != srv.ETag() {
+	if o, err := p.Refresh(ctx); err != nil || o != Modified || rec.validator() != srv.ETag() {
 		t.Errorf("after rejection: %v %v", o, err)
 	}
 }

@@ -34,6 +34,9 @@ type Server struct {
 	notModified atomic.Int64 // 304s
 
 	batchStatus   int // forced status for /batch/, 0 = accept
+	batchFailures int // with batchStatus: how many more answers are forced (<0: all)
+	batchDelay    time.Duration
+	batchGate     chan struct{} // when set, /batch/ answers wait for it to close
 	batchAttempts atomic.Int64
 	events        []CapturedEvent
 	batches       int
@@ -113,8 +116,43 @@ func (s *Server) NotModified() int64 { return s.notModified.Load() }
 // FailBatchesWith makes /batch/ answer status (0 accepts again).
 func (s *Server) FailBatchesWith(status int) {
 	s.mu.Lock()
-	s.batchStatus = status
+	s.batchStatus, s.batchFailures = status, -1
 	s.mu.Unlock()
+}
+
+// FailNextBatches makes the next n /batch/ requests answer status, and the
+// ones after them be accepted.
+func (s *Server) FailNextBatches(status, n int) {
+	s.mu.Lock()
+	s.batchStatus, s.batchFailures = status, n
+	s.mu.Unlock()
+}
+
+// SetBatchDelay makes every /batch/ answer take d (PostHog under load).
+func (s *Server) SetBatchDelay(d time.Duration) {
+	s.mu.Lock()
+	s.batchDelay = d
+	s.mu.Unlock()
+}
+
+// HoldBatches makes /batch/ requests wait, unanswered, until release is
+// called (a delivery that hangs).
+func (s *Server) HoldBatches() (release func()) {
+	gate := make(chan struct{})
+	s.mu.Lock()
+	s.batchGate = gate
+	s.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			if s.batchGate == gate {
+				s.batchGate = nil
+			}
+			s.mu.Unlock()
+			close(gate)
+		})
+	}
 }
 
 // Events returns the events received so far, and how many batches carried them.
@@ -130,8 +168,27 @@ func (s *Server) BatchAttempts() int64 { return s.batchAttempts.Load() }
 func (s *Server) serveBatch(w http.ResponseWriter, r *http.Request) {
 	s.batchAttempts.Add(1)
 	s.mu.Lock()
-	forced := s.batchStatus
+	forced, delay, gate := s.batchStatus, s.batchDelay, s.batchGate
+	if forced != 0 && s.batchFailures > 0 {
+		if s.batchFailures--; s.batchFailures == 0 {
+			s.batchStatus = 0
+		}
+	}
 	s.mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-r.Context().Done():
+			return
+		}
+	}
+	if delay > 0 {
+		select {
+		case <-time.After(delay):
+		case <-r.Context().Done():
+			return
+		}
+	}
 	if forced != 0 {
 		w.WriteHeader(forced)
 		fmt.Fprintf(w, `{"type":"server_error","detail":"forced %d"}`, forced)
