@@ -2,14 +2,14 @@ package caddymodule
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
-	"io/fs"
+	"maps"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/flagsplit/flagsplit/storedoc"
 )
 
 // activityPersistInterval is how often flag activity is written to storage.
@@ -20,6 +20,8 @@ const activityPersistInterval = time.Minute
 // path writes it at most once a second (it compares first), so the cells stay
 // read-mostly.
 type activity struct {
+	// rev is the revision of the stored record last merged or written.
+	rev   atomic.Uint64
 	mu    sync.Mutex
 	since time.Time // when tracking began (kept in storage across restarts)
 	cells map[string]*atomic.Int64
@@ -113,41 +115,71 @@ func (a *activity) status(key string, now time.Time, staleAfter time.Duration) f
 	return fa
 }
 
-func (a *App) loadActivity(ctx context.Context) {
-	if a.storage == nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	data, err := a.storage.Load(ctx, a.storageKey(activityKey))
-	if errors.Is(err, fs.ErrNotExist) {
-		return
-	}
-	var s storedActivity
-	if err == nil {
-		err = json.Unmarshal(data, &s)
-	}
-	if err != nil {
-		a.logger.Warn("reading stored flag activity", zap.Error(err))
-		return
-	}
-	a.engine.activity.merge(s)
+// Current implements storedoc.Holder: this instance's record, at the
+// revision of the stored record last merged or written.
+func (a *activity) Current() (storedoc.Version[storedActivity], bool) {
+	return storedoc.Version[storedActivity]{Revision: a.rev.Load(), Value: a.snapshot()}, true
 }
 
-// storeActivity merges this instance's activity with the stored record (other
-// instances may share it) and writes it back.
-func (a *App) storeActivity(ctx context.Context) {
-	if a.storage == nil || a.engine == nil {
-		return
+// Offer implements storedoc.Holder. Activity merges rather than replaces
+// (earliest start, latest evaluations), which gives the same result in any
+// order, so every version is taken; it reports whether the version was
+// newer than the last one taken.
+func (a *activity) Offer(v storedoc.Version[storedActivity]) bool {
+	a.merge(v.Value)
+	for {
+		cur := a.rev.Load()
+		if v.Revision <= cur {
+			return false
+		}
+		if a.rev.CompareAndSwap(cur, v.Revision) {
+			return true
+		}
 	}
-	a.loadActivity(ctx)
-	data, err := json.Marshal(a.engine.activity.snapshot())
-	if err != nil {
-		return
+}
+
+// mergedWith returns the stored record s with this instance's activity
+// folded in, and whether that changes s.
+func (a *activity) mergedWith(s storedActivity) (storedActivity, bool) {
+	out := storedActivity{Since: s.Since, LastEvaluated: maps.Clone(s.LastEvaluated)}
+	if out.LastEvaluated == nil {
+		out.LastEvaluated = map[string]int64{}
 	}
+	mine := a.snapshot()
+	changed := false
+	if out.Since.IsZero() || mine.Since.Before(out.Since) {
+		out.Since, changed = mine.Since, true
+	}
+	for k, v := range mine.LastEvaluated {
+		if v > out.LastEvaluated[k] {
+			out.LastEvaluated[k], changed = v, true
+		}
+	}
+	return out, changed
+}
+
+// loadActivity merges the stored record into this instance's, so that a
+// restart does not forget when flags were last evaluated.
+func (a *App) loadActivity(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := a.storage.Store(ctx, a.storageKey(activityKey), data); err != nil {
+	if _, err := a.docs.activity.Sync(ctx, a.engine.activity); err != nil {
+		a.logger.Warn("reading stored flag activity", zap.Error(err))
+	}
+}
+
+// storeActivity merges this instance's activity into the stored record (other
+// instances share it) under the document's lock, and writes it when that
+// changes it.
+func (a *App) storeActivity(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	act := a.engine.activity
+	_, _, err := a.docs.activity.Update(ctx, act, func(cur storedActivity, _ uint64) (storedActivity, bool, error) {
+		merged, changed := act.mergedWith(cur)
+		return merged, changed, nil
+	})
+	if err != nil {
 		a.logger.Warn("storing flag activity", zap.Error(err))
 	}
 }

@@ -6,8 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -76,47 +76,47 @@ func serveAdmin(w http.ResponseWriter, r *http.Request) error {
 	parts := strings.Split(path, "/")
 	switch {
 	case path == "":
-		if err := allow(r, http.MethodGet); err != nil {
+		if err := allow(w, r, http.MethodGet); err != nil {
 			return err
 		}
-		return writeJSON(w, http.StatusOK, app.status(time.Now()))
+		return writeJSON(w, http.StatusOK, app.status(app.clock.Now()))
 	case path == "evaluate":
-		if err := allow(r, http.MethodGet); err != nil {
+		if err := allow(w, r, http.MethodGet); err != nil {
 			return err
 		}
 		return app.serveEvaluate(w, r)
 	case path == "refresh":
-		if err := allow(r, http.MethodPost); err != nil {
+		if err := allow(w, r, http.MethodPost); err != nil {
 			return err
 		}
 		outcome, err := app.refresh(r.Context())
 		if err != nil {
 			return apiError(http.StatusBadGateway, "refreshing definitions: %v", err)
 		}
-		return writeJSON(w, http.StatusOK, map[string]any{"outcome": outcome, "flags": app.engine.store.Load().Len()})
+		return writeJSON(w, http.StatusOK, map[string]any{"outcome": outcome, "flags": app.engine.definitions().Len()})
 	case path == "overrides":
-		if err := allow(r, http.MethodGet); err != nil {
+		if err := allow(w, r, http.MethodGet); err != nil {
 			return err
 		}
-		return writeJSON(w, http.StatusOK, nonNil(app.engine.overridesSnapshot()))
+		return writeJSON(w, http.StatusOK, app.engine.snapshot().overrides)
 	case parts[0] == "overrides" && len(parts) == 2 && parts[1] != "":
 		return app.serveOverride(w, r, parts[1])
 	case path == "rollouts":
-		if err := allow(r, http.MethodGet); err != nil {
+		if err := allow(w, r, http.MethodGet); err != nil {
 			return err
 		}
 		return writeJSON(w, http.StatusOK, app.rolloutStatuses())
 	case parts[0] == "rollouts" && len(parts) == 2 && parts[1] != "":
-		if err := allow(r, http.MethodGet); err != nil {
+		if err := allow(w, r, http.MethodGet); err != nil {
 			return err
 		}
-		run := app.engine.rolloutRun(parts[1])
+		run := app.engine.rollouts.InForce().Run(parts[1])
 		if run == nil {
 			return apiError(http.StatusNotFound, "no rollout is configured for flag %q", parts[1])
 		}
-		return writeJSON(w, http.StatusOK, app.rolloutStatus(run))
+		return writeJSON(w, http.StatusOK, rolloutStatusOf(run))
 	case parts[0] == "rollouts" && len(parts) == 3:
-		if err := allow(r, http.MethodPost); err != nil {
+		if err := allow(w, r, http.MethodPost); err != nil {
 			return err
 		}
 		switch parts[2] {
@@ -129,13 +129,18 @@ func serveAdmin(w http.ResponseWriter, r *http.Request) error {
 	return apiError(http.StatusNotFound, "no such endpoint: %s", r.URL.Path)
 }
 
-func allow(r *http.Request, methods ...string) error {
-	for _, m := range methods {
-		if r.Method == m {
-			return nil
-		}
+// allow refuses a request whose method is not one of methods, with a 405
+// that lists them (in its Allow header too).
+func allow(w http.ResponseWriter, r *http.Request, methods ...string) error {
+	if slices.Contains(methods, r.Method) {
+		return nil
 	}
-	return apiError(http.StatusMethodNotAllowed, "method %s not allowed (use %s)", r.Method, strings.Join(methods, " or "))
+	w.Header().Set("Allow", strings.Join(methods, ", "))
+	list := methods[0]
+	if n := len(methods); n > 1 {
+		list = strings.Join(methods[:n-1], ", ") + " or " + methods[n-1]
+	}
+	return apiError(http.StatusMethodNotAllowed, "method %s not allowed (use %s)", r.Method, list)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) error {
@@ -146,22 +151,15 @@ func writeJSON(w http.ResponseWriter, status int, v any) error {
 	return enc.Encode(v)
 }
 
-func nonNil(m map[string]eval.Override) map[string]eval.Override {
-	if m == nil {
-		return map[string]eval.Override{}
-	}
-	return m
-}
-
 func (a *App) serveOverride(w http.ResponseWriter, r *http.Request, key string) error {
 	switch r.Method {
 	case http.MethodGet:
-		o, ok := a.engine.overridesSnapshot()[key]
+		o, ok := a.engine.overrides.Value().get(key)
 		if !ok {
 			return apiError(http.StatusNotFound, "flag %q has no override", key)
 		}
 		return writeJSON(w, http.StatusOK, o)
-	case http.MethodPut, http.MethodPost:
+	case http.MethodPut:
 		body, err := io.ReadAll(io.LimitReader(r.Body, maxAdminBody))
 		if err != nil {
 			return apiError(http.StatusBadRequest, "reading body: %v", err)
@@ -172,44 +170,45 @@ func (a *App) serveOverride(w http.ResponseWriter, r *http.Request, key string) 
 		if err := dec.Decode(&o); err != nil {
 			return apiError(http.StatusBadRequest, `body must be a JSON object such as {"killed": true}, {"rollout_percentage": 25} or {"variant": "control"}: %v`, err)
 		}
-		if _, err := a.setOverride(r.Context(), key, &o); err != nil {
-			if errors.Is(err, errUnknownFlag) {
-				return apiError(http.StatusNotFound, "%v", err)
-			}
-			if strings.Contains(err.Error(), "storage") {
-				return apiError(http.StatusServiceUnavailable, "%v", err)
-			}
+		ch, err := a.setOverride(r.Context(), key, &o, nil)
+		switch {
+		case errors.Is(err, errUnknownFlag):
+			return apiError(http.StatusNotFound, "%v", err)
+		case errors.Is(err, errInvalidOverride):
 			return apiError(http.StatusBadRequest, "%v", err)
-		}
-		a.logger.Info("override set")
-		return writeJSON(w, http.StatusOK, map[string]any{"flag": key, "override": o})
-	case http.MethodDelete:
-		existed, err := a.setOverride(r.Context(), key, nil)
-		if err != nil {
+		case err != nil:
 			return apiError(http.StatusServiceUnavailable, "%v", err)
 		}
-		if !existed {
+		a.overrideChanged(ch, "admin "+r.RemoteAddr)
+		return writeJSON(w, http.StatusOK, map[string]any{"flag": key, "override": o})
+	case http.MethodDelete:
+		ch, err := a.setOverride(r.Context(), key, nil, nil)
+		switch {
+		case errors.Is(err, errNoOverride):
 			return apiError(http.StatusNotFound, "flag %q has no override", key)
+		case err != nil:
+			return apiError(http.StatusServiceUnavailable, "%v", err)
 		}
+		a.overrideChanged(ch, "admin "+r.RemoteAddr)
 		return writeJSON(w, http.StatusOK, map[string]any{"flag": key, "deleted": true})
 	}
-	return allow(r, http.MethodGet, http.MethodPut, http.MethodDelete)
+	return allow(w, r, http.MethodGet, http.MethodPut, http.MethodDelete)
 }
 
 func (a *App) serveRolloutAction(w http.ResponseWriter, r *http.Request, key, action string) error {
-	run, err := a.rolloutAction(r.Context(), key, action)
+	run, err := a.engine.rollouts.Act(r.Context(), key, action, a.rolloutHooks())
 	if err != nil {
 		switch {
-		case errors.Is(err, errNoRollout):
+		case errors.Is(err, rollout.ErrNoRollout):
 			return apiError(http.StatusNotFound, "no rollout is configured for flag %q", key)
-		case errors.Is(err, errUnknownAction):
+		case errors.Is(err, rollout.ErrUnknownAction):
 			return apiError(http.StatusBadRequest, "%v", err)
 		case errors.Is(err, rollout.ErrInvalidTransition):
 			return apiError(http.StatusConflict, "%v", err)
 		}
 		return apiError(http.StatusServiceUnavailable, "%v", err)
 	}
-	return writeJSON(w, http.StatusOK, a.rolloutStatus(run))
+	return writeJSON(w, http.StatusOK, rolloutStatusOf(run))
 }
 
 // serveEvaluate answers what this proxy would answer for a subject, with reasons.
@@ -225,7 +224,7 @@ func (a *App) serveEvaluate(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return apiError(http.StatusBadRequest, "%v", err)
 	}
-	results := evaluateFlags(a.engine.store.Load(), &subj, q["flag"])
+	results := evaluateFlags(a.engine.definitions(), &subj, q["flag"])
 	return writeJSON(w, http.StatusOK, map[string]any{"distinct_id": subj.DistinctID, "results": results})
 }
 
@@ -241,7 +240,10 @@ type adminStatus struct {
 	StaleAfter string                   `json:"stale_after"`
 	StaleFlags []string                 `json:"stale_flags"`
 	Overrides  map[string]eval.Override `json:"overrides"`
-	Flags      []flagStatus             `json:"flags"`
+	// OverridesRevision is the revision of the shared overrides document
+	// in force (0 before any was written).
+	OverridesRevision uint64       `json:"overrides_revision"`
+	Flags             []flagStatus `json:"flags"`
 }
 
 type cacheStatus struct {
@@ -267,14 +269,13 @@ type flagStatus struct {
 
 func (a *App) status(now time.Time) adminStatus {
 	e := a.engine
-	defs := e.store.Load()
-	e.mu.Lock()
-	st := adminStatus{Ready: e.base != nil, Source: e.source, Overrides: nonNil(maps.Clone(e.overrides))}
-	if !e.lastFetch.IsZero() {
-		t := e.lastFetch
+	defs := e.definitions()
+	snap := e.snapshot()
+	st := adminStatus{Ready: snap.ready, Source: snap.source, Overrides: snap.overrides, OverridesRevision: snap.overridesRevision}
+	if !snap.lastFetch.IsZero() {
+		t := snap.lastFetch
 		st.LastFetch = &t
 	}
-	e.mu.Unlock()
 	st.FlagCount, st.Generation = defs.Len(), defs.Generation()
 	hits, misses, entries := e.cache.Stats()
 	st.Cache = cacheStatus{Size: *a.CacheSize, Entries: entries, Hits: hits, Misses: misses}
@@ -300,8 +301,8 @@ func (a *App) status(now time.Time) adminStatus {
 		case len(warnings[f.Key]) > 0:
 			fs.Local, fs.LocalDetail = "partly", warnings[f.Key]
 		}
-		if run := e.rolloutRun(f.Key); run != nil {
-			rs := a.rolloutStatus(run)
+		if run := e.rollouts.InForce().Run(f.Key); run != nil {
+			rs := rolloutStatusOf(run)
 			fs.Rollout = &rs
 		}
 		fs.Activity = e.activity.status(f.Key, now, staleAfter)

@@ -3,19 +3,13 @@ package caddymodule
 import (
 	"fmt"
 	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
-	"go.uber.org/zap"
-
-	"github.com/flagsplit/flagsplit/eval"
-	"github.com/flagsplit/flagsplit/proxy"
 )
 
 // Benchmarks of the handler alone: no network, no Caddy server, one request
@@ -50,66 +44,6 @@ func benchDefinitions(n int) []byte {
 		flags = append(flags, fmt.Sprintf(`{"id": %d, "key": %q, "active": true, "filters": %s}`, i+1, key, filters))
 	}
 	return []byte(`{"flags": [` + strings.Join(flags, ",") + `]}`)
-}
-
-// newTestApp builds an app serving defs without a Caddy config.
-func newTestApp(t testing.TB, defs []byte, cacheSize int) *App {
-	t.Helper()
-	d, err := eval.Parse(defs)
-	if err != nil || len(d.Problems()) > 0 {
-		t.Fatalf("definitions: %v %v", err, d.Problems())
-	}
-	app := &App{CacheSize: &cacheSize, logger: zap.NewNop(), implicit: new(implicitHandler), wg: new(sync.WaitGroup)}
-	app.engine = newEngine(cacheSize)
-	app.engine.mu.Lock()
-	app.engine.install(d, sourceInfo{Kind: "test"})
-	app.engine.mu.Unlock()
-	return app
-}
-
-func newTestHandler(t testing.TB, app *App) *Handler {
-	t.Helper()
-	h := &Handler{PersonProperties: map[string]string{
-		"plan":        "{http.request.header.X-Plan}",
-		"country":     "{http.request.header.X-Country}",
-		"orders":      "{http.request.header.X-Orders}",
-		"app_version": "{http.request.header.X-App-Version}",
-	}}
-	if err := h.setup(app, zap.NewNop()); err != nil {
-		t.Fatal(err)
-	}
-	return h
-}
-
-func newTestPolicy(t testing.TB, app *App, flag string) *SelectionPolicy {
-	t.Helper()
-	p := &SelectionPolicy{Flag: flag, Routes: map[string]string{"true": "new:8080", "b": "new:8080"}, Default: "old:8080"}
-	router, err := proxy.NewRouter(p.Routes, p.Default)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.router, p.app, p.logger = router, app, zap.NewNop()
-	return p
-}
-
-// discardWriter is a ResponseWriter that keeps nothing, reused across iterations.
-type discardWriter struct{ h http.Header }
-
-func (d *discardWriter) Header() http.Header         { return d.h }
-func (d *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
-func (d *discardWriter) WriteHeader(int)             {}
-
-var benchServer = new(caddyhttp.Server)
-
-// prepare builds a request the way Caddy's server does before the handler chain.
-func prepare(w http.ResponseWriter, id string) *http.Request {
-	r := httptest.NewRequest(http.MethodGet, "http://shop.example.com/checkout", nil)
-	r.Header.Set("X-POSTHOG-DISTINCT-ID", id)
-	r.Header.Set("X-Plan", "pro")
-	r.Header.Set("X-Country", "US")
-	r.Header.Set("X-Orders", "12")
-	r.Header.Set("X-App-Version", "2.3.1")
-	return caddyhttp.PrepareRequest(r, caddy.NewReplacer(), w, benchServer)
 }
 
 func BenchmarkHandler(b *testing.B) {
@@ -169,18 +103,4 @@ func BenchmarkHandler(b *testing.B) {
 			}
 		})
 	}
-}
-
-// startTestRollout puts a rollout in force on app without a Caddy config.
-func startTestRollout(t testing.TB, app *App, rc *RolloutConfig) {
-	t.Helper()
-	app.Rollouts = append(app.Rollouts, rc)
-	if err := app.provisionRollouts(); err != nil {
-		t.Fatal(err)
-	}
-	e := app.engine
-	e.mu.Lock()
-	e.rollouts.Store(&app.rollouts)
-	e.apply()
-	e.mu.Unlock()
 }

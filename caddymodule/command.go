@@ -54,6 +54,10 @@ func validateDefinitions(out io.Writer, path string) error {
 	if err != nil {
 		return err
 	}
+	if err := checkDocument(data); err != nil {
+		fmt.Fprintf(out, "%s: %v\n", path, err)
+		return errInvalidDefinitions
+	}
 	defs, err := eval.Parse(data)
 	if err != nil {
 		fmt.Fprintf(out, "%s: %v\n", path, err)
@@ -123,6 +127,20 @@ func validateDefinitions(out io.Writer, path string) error {
 	return nil
 }
 
+// readDefinitions reads a definitions file for a command, parsed as flagsplit
+// would parse it as its definitions file: a malformed flag refuses it.
+func readDefinitions(path string) (*eval.Definitions, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	defs, _, err := sourceCLI.parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return defs, nil
+}
+
 type evalOptions struct {
 	definitions, distinctID, deviceID, now string
 	flags                                  []string
@@ -156,11 +174,7 @@ func runEval(out io.Writer, o evalOptions) error {
 	if o.definitions == "" || o.distinctID == "" {
 		return errors.New("--definitions and --distinct-id are required")
 	}
-	data, err := os.ReadFile(o.definitions)
-	if err != nil {
-		return err
-	}
-	defs, err := eval.Parse(data)
+	defs, err := readDefinitions(o.definitions)
 	if err != nil {
 		return err
 	}

@@ -94,7 +94,7 @@ func mustParseFile(t *testing.T, path string) *eval.Definitions {
 	if err := validateDefinitions(&out, path); err != nil {
 		t.Fatal(err)
 	}
-	defs, err := parseDefinitionsFile(path)
+	defs, err := readDefinitions(path)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,10 +9,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2/caddytest"
-
-	"github.com/flagsplit/flagsplit/eval"
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/flagsplit/flagsplit/posthog/posthogtest"
+	"go.uber.org/zap"
 )
 
 const (
@@ -29,36 +29,6 @@ func checkoutDefs(pct int) []byte {
 			{"key": "control", "rollout_percentage": 50}, {"key": "test", "rollout_percentage": 50}]}}},
 		{"id": 9, "key": "idle", "active": true, "filters": {"groups": [{}]}}
 	], "group_type_mapping": {}, "cohorts": {}}`, pct, pct))
-}
-
-// routesTo asks for n users on addr and reports the upstream they all reached,
-// or "mixed".
-func routesTo(t testing.TB, addr string, n int) string {
-	t.Helper()
-	seen := ""
-	for i := 0; i < n; i++ {
-		resp, e := get(t, "http://"+addr+"/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("visitor-%d", i)})
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Sprintf("status %d", resp.StatusCode)
-		}
-		if seen == "" {
-			seen = e.Upstream
-		} else if seen != e.Upstream {
-			return "mixed"
-		}
-	}
-	return seen
-}
-
-func waitUntil(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
 }
 
 // checkoutProxy is the reverse_proxy of the checkout test sites: users with
@@ -94,28 +64,27 @@ func postHogSite(storageDir, host string, old, nu *upstream, posthogExtra, siteE
 	feature_flags
 	%s
 	%s
-}`, globalsWithStorage(storageDir), host, testProjectKey, testPersonalKey, posthogExtra, siteExtra,
+}`, globals(storageDir), host, testProjectKey, testPersonalKey, posthogExtra, siteExtra,
 		checkoutProxy(old, nu))
 }
 
 func TestLiveDefinitionsFromPostHog(t *testing.T) {
 	ph := posthogtest.New(testProjectKey, testPersonalKey, checkoutDefs(0))
-	defer ph.Close()
+	t.Cleanup(ph.Close)
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
-	storage := inProcessDir(t)
-	tester := caddytest.NewTester(t)
-	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "", ""), "caddyfile")
+	storage := t.TempDir()
+	load(t, postHogSite(storage, ph.URL, old, nu, "", ""))
 
-	waitUntil(t, 5*time.Second, "the first definitions", func() bool { return routesTo(t, "127.0.0.1:9080", 20) == "old" })
+	eventually(t, 5*time.Second, "the first definitions", func() bool { return routesTo(t, siteA, 20) == "old" })
 	ph.SetDefinitions(checkoutDefs(100))
-	waitUntil(t, 5*time.Second, "the poll to pick up the change", func() bool { return routesTo(t, "127.0.0.1:9080", 20) == "new" })
+	eventually(t, 5*time.Second, "the poll to pick up the change", func() bool { return routesTo(t, siteA, 20) == "new" })
 
 	// Unchanged definitions are revalidated with the ETag: PostHog answers 304
 	// and nothing is downloaded or parsed again.
 	served, revalidated := ph.Served(), ph.NotModified()
-	time.Sleep(600 * time.Millisecond)
-	if ph.Served() != served || ph.NotModified() < revalidated+3 {
-		t.Errorf("over 600ms: %d more full answers, %d more 304s", ph.Served()-served, ph.NotModified()-revalidated)
+	eventually(t, 5*time.Second, "three more polls", func() bool { return ph.NotModified() >= revalidated+3 })
+	if ph.Served() != served {
+		t.Errorf("unchanged definitions were sent in full %d more times", ph.Served()-served)
 	}
 	last := ph.Requests()[len(ph.Requests())-1]
 	if last.IfNoneMatch != ph.ETag() || !last.SendCohorts || last.Token != testProjectKey || last.Authorization != "Bearer "+testPersonalKey {
@@ -125,83 +94,97 @@ func TestLiveDefinitionsFromPostHog(t *testing.T) {
 	// PostHog failing or too slow: the last good definitions keep serving.
 	errs := metricValue(t, "caddy_feature_flags_definitions_errors_total")
 	ph.FailWith(http.StatusInternalServerError)
-	waitUntil(t, 5*time.Second, "failures to be counted", func() bool {
+	eventually(t, 5*time.Second, "failures to be counted", func() bool {
 		return metricValue(t, "caddy_feature_flags_definitions_errors_total") >= errs+2
 	})
-	if got := routesTo(t, "127.0.0.1:9080", 20); got != "new" {
+	if got := routesTo(t, siteA, 20); got != "new" {
 		t.Fatalf("while PostHog answers 500: %s", got)
 	}
 	ph.FailWith(0)
 	ph.Stall(time.Second)
 	errs = metricValue(t, "caddy_feature_flags_definitions_errors_total")
-	waitUntil(t, 5*time.Second, "a timeout to be counted", func() bool {
+	eventually(t, 5*time.Second, "a timeout to be counted", func() bool {
 		return metricValue(t, "caddy_feature_flags_definitions_errors_total") > errs
 	})
-	if got := routesTo(t, "127.0.0.1:9080", 20); got != "new" {
+	if got := routesTo(t, siteA, 20); got != "new" {
 		t.Fatalf("while PostHog times out: %s", got)
 	}
 	ph.Stall(0)
 
 	// Over quota: definitions are dropped, every flag serves false.
 	ph.FailWith(http.StatusPaymentRequired)
-	waitUntil(t, 5*time.Second, "the 402 to drop definitions", func() bool { return routesTo(t, "127.0.0.1:9080", 20) == "old" })
-	code, body := adminDo(t, http.MethodGet, "http://localhost:2999/feature_flags/", "")
+	eventually(t, 5*time.Second, "the 402 to drop definitions", func() bool { return routesTo(t, siteA, 20) == "old" })
+	code, body := adminDo(t, http.MethodGet, adminURL+"/feature_flags/", "")
 	if code != http.StatusOK || !strings.Contains(body, "quota limited") || !strings.Contains(body, `"flag_count": 0`) {
 		t.Errorf("status after a 402: %d %s", code, body)
 	}
 	// A wrong key keeps the last good definitions.
 	ph.FailWith(0)
-	waitUntil(t, 5*time.Second, "recovery", func() bool { return routesTo(t, "127.0.0.1:9080", 20) == "new" })
+	eventually(t, 5*time.Second, "recovery", func() bool { return routesTo(t, siteA, 20) == "new" })
+	refusedBefore := answered(ph, http.StatusUnauthorized)
 	ph.FailWith(http.StatusUnauthorized)
-	time.Sleep(300 * time.Millisecond)
-	if got := routesTo(t, "127.0.0.1:9080", 20); got != "new" {
+	eventually(t, 5*time.Second, "two polls refused", func() bool { return answered(ph, http.StatusUnauthorized) >= refusedBefore+2 })
+	if st := adminStatusOf(t, adminURL); !strings.Contains(st.Source.Error, "refused the key") {
+		t.Errorf("status after a 401: %+v", st.Source)
+	}
+	if got := routesTo(t, siteA, 20); got != "new" {
 		t.Fatalf("a 401 changed routing: %s", got)
 	}
 	ph.FailWith(0)
 }
 
+// answered counts the definitions requests the stand-in answered with status.
+func answered(ph *posthogtest.Server, status int) int {
+	n := 0
+	for _, r := range ph.Requests() {
+		if r.Status == status {
+			n++
+		}
+	}
+	return n
+}
+
 func TestKillSwitchOverrideSurvivesReload(t *testing.T) {
 	ph := posthogtest.New(testProjectKey, testPersonalKey, checkoutDefs(100))
-	defer ph.Close()
+	t.Cleanup(ph.Close)
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
-	storage := inProcessDir(t)
-	tester := caddytest.NewTester(t)
-	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "", ""), "caddyfile")
-	waitUntil(t, 5*time.Second, "definitions", func() bool { return routesTo(t, "127.0.0.1:9080", 10) == "new" })
+	storage := t.TempDir()
+	load(t, postHogSite(storage, ph.URL, old, nu, "", ""))
+	eventually(t, 5*time.Second, "definitions", func() bool { return routesTo(t, siteA, 10) == "new" })
 
-	code, body := adminDo(t, http.MethodPut, "http://localhost:2999/feature_flags/overrides/checkout", `{"killed": true}`)
+	code, body := adminDo(t, http.MethodPut, adminURL+"/feature_flags/overrides/checkout", `{"killed": true}`)
 	if code != http.StatusOK {
 		t.Fatalf("PUT override: %d %s", code, body)
 	}
 	// Effective for the very next request, no waiting.
-	if got := routesTo(t, "127.0.0.1:9080", 20); got != "old" {
+	if got := routesTo(t, siteA, 20); got != "old" {
 		t.Fatalf("after the kill switch: %s", got)
 	}
 	// A config reload (a different config, so Caddy really reloads) keeps it.
-	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "", "header X-Reloaded yes"), "caddyfile")
-	resp, _ := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": "x"})
+	load(t, postHogSite(storage, ph.URL, old, nu, "", "header X-Reloaded yes"))
+	resp, _ := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": "x"})
 	if resp.Header.Get("X-Reloaded") != "yes" {
 		t.Fatal("the new config is not running")
 	}
-	if got := routesTo(t, "127.0.0.1:9080", 20); got != "old" {
+	if got := routesTo(t, siteA, 20); got != "old" {
 		t.Fatalf("after a reload: %s", got)
 	}
-	code, body = adminDo(t, http.MethodDelete, "http://localhost:2999/feature_flags/overrides/checkout", "")
+	code, body = adminDo(t, http.MethodDelete, adminURL+"/feature_flags/overrides/checkout", "")
 	if code != http.StatusOK {
 		t.Fatalf("DELETE override: %d %s", code, body)
 	}
-	if got := routesTo(t, "127.0.0.1:9080", 20); got != "new" {
+	if got := routesTo(t, siteA, 20); got != "new" {
 		t.Fatalf("after clearing the override: %s", got)
 	}
 
 	// A rollout cap: exactly the users PostHog's hash puts under 30 % reach new.
-	code, body = adminDo(t, http.MethodPut, "http://localhost:2999/feature_flags/overrides/checkout", `{"rollout_percentage": 30}`)
+	code, body = adminDo(t, http.MethodPut, adminURL+"/feature_flags/overrides/checkout", `{"rollout_percentage": 30}`)
 	if code != http.StatusOK {
 		t.Fatalf("PUT rollout: %d %s", code, body)
 	}
 	for i := 0; i < 200; i++ {
 		id := fmt.Sprintf("cap-%d", i)
-		_, e := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": id})
+		_, e := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": id})
 		want := "old"
 		if hashOf("checkout", id) <= 0.30 {
 			want = "new"
@@ -210,11 +193,11 @@ func TestKillSwitchOverrideSurvivesReload(t *testing.T) {
 			t.Fatalf("%s (hash %v) at 30%%: %s", id, hashOf("checkout", id), e.Upstream)
 		}
 	}
-	adminDo(t, http.MethodDelete, "http://localhost:2999/feature_flags/overrides/checkout", "")
+	adminDo(t, http.MethodDelete, adminURL+"/feature_flags/overrides/checkout", "")
 }
 
 func TestAdminAPI(t *testing.T) {
-	defsFile := filepath.Join(inProcessDir(t), "flags.json")
+	defsFile := filepath.Join(t.TempDir(), "flags.json")
 	writeFileAtomically(t, defsFile, []byte(`{"flags": [
 		{"id": 1, "key": "used", "active": true, "version": 4, "filters": {"groups": [{"properties": [{"key": "plan", "value": "pro"}]}],
 			"multivariate": {"variants": [{"key": "a", "rollout_percentage": 50}, {"key": "b", "rollout_percentage": 50}]}}},
@@ -222,12 +205,10 @@ func TestAdminAPI(t *testing.T) {
 		{"id": 3, "key": "continuity", "active": true, "ensure_experience_continuity": true, "filters": {"groups": [{}]}}
 	]}`))
 	old := newUpstream(t, "old")
-	tester := caddytest.NewTester(t)
-	tester.InitServer(fmt.Sprintf(`{
+	load(t, fmt.Sprintf(`{
 	%s
 	feature_flags {
 		definitions %s
-		stale_after 2s
 	}
 }
 :9080 {
@@ -241,8 +222,8 @@ func TestAdminAPI(t *testing.T) {
 			default %s
 		}
 	}
-}`, globals(t), defsFile, old.dial(), old.dial(), old.dial()), "caddyfile")
-	const api = "http://localhost:2999/feature_flags"
+}`, globals(t.TempDir()), defsFile, old.dial(), old.dial(), old.dial()))
+	api := adminURL + "/feature_flags"
 
 	for _, c := range []struct {
 		method, path, body string
@@ -289,9 +270,8 @@ func TestAdminAPI(t *testing.T) {
 	if code, body := adminDo(t, http.MethodPut, api+"/overrides/used", `{"variant": "a"}`); code != 200 {
 		t.Fatalf("variant override: %d %s", code, body)
 	}
-	time.Sleep(2200 * time.Millisecond) // let never-evaluated flags go stale
 	for i := 0; i < 5; i++ {
-		get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("u%d", i), "X-Plan": "pro"})
+		get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("u%d", i), "X-Plan": "pro"})
 	}
 	code, body = adminDo(t, http.MethodGet, api+"/", "")
 	var st adminStatus
@@ -313,8 +293,9 @@ func TestAdminAPI(t *testing.T) {
 	if byKey["continuity"].Local != "never" || byKey["used"].Local != "yes" {
 		t.Errorf("local evaluability: %+v %+v", byKey["continuity"], byKey["used"])
 	}
-	if !byKey["unused"].Activity.Stale || byKey["unused"].Activity.LastEvaluated != nil ||
-		strings.Join(st.StaleFlags, ",") != "unused,continuity" {
+	// Nothing is stale yet (stale_after is 30 days; TestStaleFlags moves a
+	// clock through it).
+	if byKey["unused"].Activity.Stale || byKey["unused"].Activity.LastEvaluated != nil || len(st.StaleFlags) != 0 {
 		t.Errorf("stale flags %v; unused %+v", st.StaleFlags, byKey["unused"].Activity)
 	}
 	if code, body := adminDo(t, http.MethodGet, api+"/overrides", ""); code != 200 || !strings.Contains(body, `"variant": "a"`) {
@@ -326,4 +307,43 @@ func TestAdminAPI(t *testing.T) {
 	adminDo(t, http.MethodDelete, api+"/overrides/used", "")
 }
 
-func hashOf(key, id string) float64 { return eval.Hash(key, id, "") }
+// A flag is stale once it has not been evaluated for stale_after; one never
+// evaluated counts from when tracking began.
+func TestStaleFlags(t *testing.T) {
+	app := newTestApp(t, []byte(`{"flags": [
+		{"key": "used", "active": true, "filters": {"groups": [{}]}},
+		{"key": "unused", "active": true, "filters": {"groups": [{}]}}]}`), 0)
+	app.StaleAfter = caddy.Duration(2 * time.Second)
+	h := &Handler{Flags: []string{"used"}}
+	if err := h.setup(app.App, zap.NewNop()); err != nil {
+		t.Fatal(err)
+	}
+	w := &discardWriter{h: http.Header{}}
+	serve := func() {
+		if err := h.ServeHTTP(w, prepare(w, "u1"), caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil })); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stale := func() string { return strings.Join(app.status(app.clock.Now()).StaleFlags, ",") }
+	serve()
+	if got := stale(); got != "" {
+		t.Fatalf("stale at once: %q", got)
+	}
+	app.clock.Advance(1500 * time.Millisecond)
+	serve()
+	app.clock.Advance(1500 * time.Millisecond)
+	// 3 s since tracking began, 1.5 s since "used" was last evaluated.
+	if got := stale(); got != "unused" {
+		t.Errorf("stale after 3s: %q, want unused", got)
+	}
+	st := app.status(app.clock.Now())
+	for _, f := range st.Flags {
+		if f.Key == "used" && (f.Activity.LastEvaluated == nil || !f.Activity.LastEvaluated.Equal(app.clock.Now().Add(-1500*time.Millisecond).Truncate(time.Second))) {
+			t.Errorf("used last evaluated %v", f.Activity.LastEvaluated)
+		}
+	}
+	app.clock.Advance(time.Second)
+	if got := stale(); got != "used,unused" {
+		t.Errorf("stale after 4s: %q", got)
+	}
+}

@@ -3,12 +3,9 @@ package caddymodule
 import (
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -16,160 +13,17 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2/caddytest"
+	"github.com/flagsplit/flagsplit/posthog/posthogtest"
 )
-
-// End-to-end tests: a real Caddy (caddytest runs one in this process, admin on
-// localhost:2999), real upstream servers on loopback, requests over TCP. Tests in
-// this package share that Caddy, so none of them runs in parallel.
-
-// upstream is a loopback HTTP server that answers with its name and the request
-// headers it received.
-type upstream struct {
-	name string
-	srv  *httptest.Server
-	hits atomic.Int64
-}
-
-type echo struct {
-	Upstream string      `json:"upstream"`
-	Headers  http.Header `json:"headers"`
-}
-
-func newUpstream(t *testing.T, name string) *upstream {
-	t.Helper()
-	u := &upstream{name: name}
-	u.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		u.hits.Add(1)
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(echo{Upstream: name, Headers: r.Header})
-	}))
-	t.Cleanup(u.srv.Close)
-	return u
-}
-
-func (u *upstream) dial() string { return u.srv.Listener.Addr().String() }
-
-// client talks to the test Caddy without a cookie jar, so each test controls
-// exactly which cookies a request carries.
-var client = &http.Client{Transport: caddytest.CreateTestingTransport(), Timeout: 10 * time.Second}
-
-func get(t testing.TB, rawURL string, headers map[string]string, cookies ...*http.Cookie) (*http.Response, echo) {
-	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, rawURL, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for k, v := range headers {
-		req.Header.Set(k, v)
-	}
-	for _, c := range cookies {
-		req.AddCookie(c)
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatalf("GET %s: %v", rawURL, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var e echo
-	if resp.StatusCode == http.StatusOK && strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
-		if err := json.Unmarshal(body, &e); err != nil {
-			t.Fatalf("%s: %v: %s", rawURL, err, body)
-		}
-	} else {
-		e.Upstream = string(body)
-	}
-	return resp, e
-}
-
-// vectors loads a consistency vector file: the definitions and id -> expected value.
-func vectors(t *testing.T, file string) (flags json.RawMessage, expect map[string]string, ids []string) {
-	t.Helper()
-	data, err := os.ReadFile(filepath.Join("..", "eval", "testdata", "conformance", file))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var suites []struct {
-		Flags json.RawMessage `json:"flags"`
-		Cases []struct {
-			DistinctID string `json:"distinct_id"`
-			Expect     any    `json:"expect"`
-		} `json:"cases"`
-	}
-	if err := json.Unmarshal(data, &suites); err != nil {
-		t.Fatal(err)
-	}
-	expect = map[string]string{}
-	for _, c := range suites[0].Cases {
-		expect[c.DistinctID] = fmt.Sprint(c.Expect)
-		ids = append(ids, c.DistinctID)
-	}
-	return suites[0].Flags, expect, ids
-}
-
-// mergeFlags combines the flags of several definitions documents.
-func mergeFlags(t *testing.T, docs ...json.RawMessage) []byte {
-	t.Helper()
-	var all []json.RawMessage
-	for _, d := range docs {
-		var doc struct {
-			Flags []json.RawMessage `json:"flags"`
-		}
-		if err := json.Unmarshal(d, &doc); err != nil {
-			t.Fatal(err)
-		}
-		all = append(all, doc.Flags...)
-	}
-	out, err := json.Marshal(map[string]any{"flags": all, "group_type_mapping": map[string]string{}, "cohorts": map[string]any{}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
-
-// writeFileAtomically replaces path the way deploy tools do: write aside, rename.
-func writeFileAtomically(t testing.TB, path string, data []byte) {
-	t.Helper()
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// globals are the global options of every in-process test config: the
-// caddytest admin port, plain HTTP, and a storage of the test's own.
-func globals(t *testing.T) string {
-	return globalsWithStorage(inProcessDir(t))
-}
-
-func globalsWithStorage(storage string) string {
-	return `
-	admin localhost:2999
-	http_port 9080
-	https_port 9443
-	grace_period 1ns
-	skip_install_trust
-	auto_https off
-	storage file_system ` + storage + `
-`
-}
 
 func TestRoutingFollowsPostHogsHash(t *testing.T) {
 	simple, simpleExpect, ids := vectors(t, "consistency_simple.json")
 	multi, multiExpect, _ := vectors(t, "consistency_multivariate.json")
-	defsFile := filepath.Join(inProcessDir(t), "flags.json")
+	defsFile := filepath.Join(t.TempDir(), "flags.json")
 	writeFileAtomically(t, defsFile, mergeFlags(t, simple, multi))
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
 
-	tester := caddytest.NewTester(t)
-	tester.InitServer(fmt.Sprintf(`{
+	load(t, fmt.Sprintf(`{
 	%s
 	feature_flags {
 		definitions %s
@@ -192,7 +46,7 @@ func TestRoutingFollowsPostHogsHash(t *testing.T) {
 			default %s
 		}
 	}
-}`, globals(t), defsFile, old.dial(), nu.dial(), nu.dial(), old.dial(), old.dial(), nu.dial(), nu.dial(), old.dial()), "caddyfile")
+}`, globals(t.TempDir()), defsFile, old.dial(), nu.dial(), nu.dial(), old.dial(), old.dial(), nu.dial(), nu.dial(), old.dial()))
 
 	byCookie := func(id string) *http.Cookie {
 		state, _ := json.Marshal(map[string]string{"distinct_id": id, "$device_id": "dev-" + id, "$user_state": "identified"})
@@ -205,8 +59,8 @@ func TestRoutingFollowsPostHogsHash(t *testing.T) {
 			wantUpstream = "new"
 			newCount++
 		}
-		_, byHeader := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": id})
-		_, fromCookie := get(t, "http://127.0.0.1:9080/", nil, byCookie(id))
+		_, byHeader := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": id})
+		_, fromCookie := get(t, urlA, nil, byCookie(id))
 		for how, e := range map[string]echo{"header": byHeader, "posthog-js cookie": fromCookie} {
 			if e.Upstream != wantUpstream || e.Headers.Get("X-Feature-Flag-simple-flag") != simpleExpect[id] ||
 				e.Headers.Get("X-PostHog-Distinct-Id") != id {
@@ -215,7 +69,7 @@ func TestRoutingFollowsPostHogsHash(t *testing.T) {
 			}
 		}
 
-		_, mv := get(t, "http://127.0.0.1:9081/", map[string]string{"X-POSTHOG-DISTINCT-ID": id})
+		_, mv := get(t, urlB, map[string]string{"X-POSTHOG-DISTINCT-ID": id})
 		want := multiExpect[id]
 		if want == "false" {
 			want = "false"
@@ -235,12 +89,11 @@ func TestRoutingFollowsPostHogsHash(t *testing.T) {
 }
 
 func TestClientsCannotChooseTheirVariant(t *testing.T) {
-	defsFile := filepath.Join(inProcessDir(t), "flags.json")
+	defsFile := filepath.Join(t.TempDir(), "flags.json")
 	writeFileAtomically(t, defsFile, []byte(`{"flags": [
 		{"key": "off-for-all", "active": true, "filters": {"groups": [{"rollout_percentage": 0}]}}]}`))
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
-	tester := caddytest.NewTester(t)
-	tester.InitServer(fmt.Sprintf(`{
+	load(t, fmt.Sprintf(`{
 	%s
 	feature_flags {
 		definitions %s
@@ -254,9 +107,9 @@ func TestClientsCannotChooseTheirVariant(t *testing.T) {
 			default %s
 		}
 	}
-}`, globals(t), defsFile, old.dial(), nu.dial(), nu.dial(), old.dial()), "caddyfile")
+}`, globals(t.TempDir()), defsFile, old.dial(), nu.dial(), nu.dial(), old.dial()))
 
-	req, _ := http.NewRequest(http.MethodGet, "http://127.0.0.1:9080/", nil)
+	req, _ := http.NewRequest(http.MethodGet, urlA, nil)
 	req.Header.Set("X-POSTHOG-DISTINCT-ID", "user-1")
 	req.Header.Set("X-Feature-Flag-off-for-all", "true")
 	req.Header["x-feature-flag-OFF-FOR-ALL"] = []string{"true"}
@@ -288,11 +141,10 @@ func TestClientsCannotChooseTheirVariant(t *testing.T) {
 
 func TestAssignedIdentityKeepsItsVariant(t *testing.T) {
 	multi, _, _ := vectors(t, "consistency_multivariate.json")
-	defsFile := filepath.Join(inProcessDir(t), "flags.json")
+	defsFile := filepath.Join(t.TempDir(), "flags.json")
 	writeFileAtomically(t, defsFile, mergeFlags(t, multi))
 	old := newUpstream(t, "old")
-	tester := caddytest.NewTester(t)
-	tester.InitServer(fmt.Sprintf(`{
+	load(t, fmt.Sprintf(`{
 	%s
 	feature_flags {
 		definitions %s
@@ -301,10 +153,10 @@ func TestAssignedIdentityKeepsItsVariant(t *testing.T) {
 :9080 {
 	feature_flags
 	reverse_proxy %s
-}`, globals(t), defsFile, old.dial()), "caddyfile")
+}`, globals(t.TempDir()), defsFile, old.dial()))
 
 	for i := 0; i < 20; i++ {
-		resp, first := get(t, "http://127.0.0.1:9080/", nil)
+		resp, first := get(t, urlA, nil)
 		var assigned *http.Cookie
 		for _, c := range resp.Cookies() {
 			if c.Name == "flagsplit_id" {
@@ -320,7 +172,7 @@ func TestAssignedIdentityKeepsItsVariant(t *testing.T) {
 		}
 		variant := first.Headers.Get("X-Feature-Flag-multivariate-flag")
 		for j := 0; j < 3; j++ {
-			resp, again := get(t, "http://127.0.0.1:9080/", nil, &http.Cookie{Name: assigned.Name, Value: assigned.Value})
+			resp, again := get(t, urlA, nil, &http.Cookie{Name: assigned.Name, Value: assigned.Value})
 			if len(resp.Cookies()) != 0 {
 				t.Fatalf("a new cookie was set for a returning visitor: %v", resp.Cookies())
 			}
@@ -331,7 +183,7 @@ func TestAssignedIdentityKeepsItsVariant(t *testing.T) {
 		}
 	}
 	// Malformed identities never fail a request: they get an id like anyone new.
-	resp, e := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": strings.Repeat("x", 5000)},
+	resp, e := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": strings.Repeat("x", 5000)},
 		&http.Cookie{Name: "ph_phc_x_posthog", Value: "%7B%22distinct_id%22%3A"})
 	if resp.StatusCode != http.StatusOK || e.Headers.Get("X-PostHog-Distinct-Id") == "" || len(resp.Cookies()) != 1 {
 		t.Errorf("malformed identity: status %d, id %q, cookies %v", resp.StatusCode, e.Headers.Get("X-PostHog-Distinct-Id"), resp.Cookies())
@@ -344,11 +196,10 @@ func rolloutDefs(pct int) []byte {
 }
 
 func TestDefinitionsFileIsWatched(t *testing.T) {
-	defsFile := filepath.Join(inProcessDir(t), "flags.json")
+	defsFile := filepath.Join(t.TempDir(), "flags.json")
 	writeFileAtomically(t, defsFile, rolloutDefs(0))
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
-	tester := caddytest.NewTester(t)
-	tester.InitServer(fmt.Sprintf(`{
+	load(t, fmt.Sprintf(`{
 	%s
 	feature_flags {
 		definitions %s
@@ -363,13 +214,20 @@ func TestDefinitionsFileIsWatched(t *testing.T) {
 			default %s
 		}
 	}
-}`, globals(t), defsFile, old.dial(), nu.dial(), nu.dial(), old.dial()), "caddyfile")
+}`, globals(t.TempDir()), defsFile, old.dial(), nu.dial(), nu.dial(), old.dial()))
 
 	// Requests flow from several clients the whole time; none may fail.
 	var failures, requests atomic.Int64
-	var lastNew atomic.Int64
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
+	defer func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		wg.Wait()
+	}()
 	for w := 0; w < 4; w++ {
 		wg.Add(1)
 		go func(w int) {
@@ -380,7 +238,7 @@ func TestDefinitionsFileIsWatched(t *testing.T) {
 					return
 				default:
 				}
-				req, _ := http.NewRequest(http.MethodGet, "http://127.0.0.1:9080/", nil)
+				req, _ := http.NewRequest(http.MethodGet, urlA, nil)
 				req.Header.Set("X-POSTHOG-DISTINCT-ID", fmt.Sprintf("user-%d-%d", w, i%50))
 				resp, err := client.Do(req)
 				requests.Add(1)
@@ -393,116 +251,63 @@ func TestDefinitionsFileIsWatched(t *testing.T) {
 					failures.Add(1)
 				}
 				resp.Body.Close()
-				if e.Upstream == "new" {
-					lastNew.Store(time.Now().UnixNano())
-				}
 			}
 		}(w)
-	}
-	waitFor := func(what string, cond func() bool) {
-		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for !cond() {
-			if time.Now().After(deadline) {
-				close(stop)
-				wg.Wait()
-				t.Fatalf("timed out waiting for %s", what)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
 	}
 	allTo := func(want string) func() bool {
 		return func() bool {
 			for i := 0; i < 20; i++ {
-				if _, e := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("probe-%d", i)}); e.Upstream != want {
+				if _, e := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("probe-%d", i)}); e.Upstream != want {
 					return false
 				}
 			}
 			return true
 		}
 	}
+	// moreRequests waits until the clients have sent n more requests.
+	moreRequests := func(n int64) {
+		target := requests.Load() + n
+		eventually(t, 10*time.Second, "the clients' requests", func() bool { return requests.Load() >= target })
+	}
+	errorsCounted := func(before float64) func() bool {
+		return func() bool { return metricValue(t, "caddy_feature_flags_definitions_errors_total") > before }
+	}
 
-	time.Sleep(100 * time.Millisecond)
+	moreRequests(100)
 	if nu.hits.Load() != 0 {
 		t.Fatalf("0%% rollout sent %d requests to new", nu.hits.Load())
 	}
 	writeFileAtomically(t, defsFile, rolloutDefs(100))
-	waitFor("the 100% rollout to apply", allTo("new"))
+	eventually(t, 10*time.Second, "the 100% rollout to apply", allTo("new"))
 
 	// A broken file is rejected; the last good definitions keep serving.
 	errorsBefore := metricValue(t, "caddy_feature_flags_definitions_errors_total")
 	writeFileAtomically(t, defsFile, []byte(`{"flags": [{"key": "ramp", "filters": {"groups": [{"rollout_percentage": "all"`))
-	waitFor("the broken file to be reported", func() bool {
-		return metricValue(t, "caddy_feature_flags_definitions_errors_total") > errorsBefore
-	})
+	eventually(t, 10*time.Second, "the broken file to be reported", errorsCounted(errorsBefore))
 	if !allTo("new")() {
 		t.Fatal("a broken definitions file changed routing")
 	}
+	// So is a well-formed file with a malformed flag.
+	errorsBefore = metricValue(t, "caddy_feature_flags_definitions_errors_total")
 	writeFileAtomically(t, defsFile, []byte(`{"flags": [{"key": "ramp", "active": true, "filters": {"groups": [{"rollout_percentage": "all"}]}}]}`))
-	time.Sleep(300 * time.Millisecond)
+	eventually(t, 10*time.Second, "the malformed flag to be reported", errorsCounted(errorsBefore))
 	if !allTo("new")() {
 		t.Fatal("a malformed flag definition changed routing")
 	}
 
 	// Back to 0 %: everyone returns to old.
 	writeFileAtomically(t, defsFile, rolloutDefs(0))
-	waitFor("the rollback to apply", allTo("old"))
-	time.Sleep(100 * time.Millisecond)
+	eventually(t, 10*time.Second, "the rollback to apply", allTo("old"))
+	moreRequests(100)
 	close(stop)
 	wg.Wait()
 	if failures.Load() != 0 {
 		t.Errorf("%d of %d requests failed while definitions changed", failures.Load(), requests.Load())
 	}
-	if requests.Load() < 100 {
-		t.Errorf("only %d requests were sent", requests.Load())
-	}
-}
-
-// metricValue reads one unlabelled sample from the admin /metrics endpoint.
-func metricValue(t testing.TB, name string) float64 {
-	t.Helper()
-	return metricSum(t, name, nil)
-}
-
-// metricSum adds the samples of a metric whose labels include all of want.
-func metricSum(t testing.TB, name string, want map[string]string) float64 {
-	t.Helper()
-	resp, err := http.Get("http://localhost:2999/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	sum := 0.0
-	for _, line := range strings.Split(string(body), "\n") {
-		if !strings.HasPrefix(line, name) || strings.HasPrefix(line, "#") {
-			continue
-		}
-		rest := line[len(name):]
-		if rest == "" || (rest[0] != '{' && rest[0] != ' ') {
-			continue
-		}
-		ok := true
-		for k, v := range want {
-			if !strings.Contains(rest, fmt.Sprintf(`%s="%s"`, k, v)) {
-				ok = false
-			}
-		}
-		if !ok {
-			continue
-		}
-		var v float64
-		fields := strings.Fields(rest[strings.LastIndex(rest, "}")+1:])
-		if len(fields) > 0 {
-			fmt.Sscan(fields[0], &v)
-		}
-		sum += v
-	}
-	return sum
 }
 
 func TestUnavailableAndUndecidedGoToDefault(t *testing.T) {
-	defsFile := filepath.Join(inProcessDir(t), "flags.json")
+	defsFile := filepath.Join(t.TempDir(), "flags.json")
 	writeFileAtomically(t, defsFile, []byte(`{"flags": [
 		{"key": "everyone", "active": true, "filters": {"groups": [{"rollout_percentage": 100}]}},
 		{"key": "needs-plan", "active": true, "filters": {"groups": [{"properties": [{"key": "plan", "value": "pro"}]}]}}]}`))
@@ -515,8 +320,7 @@ func TestUnavailableAndUndecidedGoToDefault(t *testing.T) {
 	down := l.Addr().String()
 	l.Close()
 
-	tester := caddytest.NewTester(t)
-	tester.InitServer(fmt.Sprintf(`{
+	load(t, fmt.Sprintf(`{
 	%s
 	feature_flags {
 		definitions %s
@@ -545,12 +349,12 @@ func TestUnavailableAndUndecidedGoToDefault(t *testing.T) {
 			default %s
 		}
 	}
-}`, globals(t), defsFile, old.dial(), down, down, old.dial(), old.dial(), down, down, down, old.dial()), "caddyfile")
+}`, globals(t.TempDir()), defsFile, old.dial(), down, down, old.dial(), old.dial(), down, down, down, old.dial()))
 
 	// The flag says "new", new is down: after the failed attempt marks it
 	// unhealthy the policy falls back to the default on retry.
 	for i := 0; i < 5; i++ {
-		resp, e := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("u%d", i)})
+		resp, e := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("u%d", i)})
 		if resp.StatusCode != http.StatusOK || e.Upstream != "old" || e.Headers.Get("X-Feature-Flag-everyone") != "true" {
 			t.Fatalf("status %d upstream %q flag %q", resp.StatusCode, e.Upstream, e.Headers.Get("X-Feature-Flag-everyone"))
 		}
@@ -558,7 +362,7 @@ func TestUnavailableAndUndecidedGoToDefault(t *testing.T) {
 	// Without the plan property the flag cannot be decided: it is false, the
 	// request goes to the default (not to false's route), and it is counted.
 	before := metricSum(t, "caddy_feature_flags_inconclusive_total", map[string]string{"flag": "needs-plan", "reason": "missing_property"})
-	resp, e := get(t, "http://127.0.0.1:9081/", map[string]string{"X-POSTHOG-DISTINCT-ID": "u1"})
+	resp, e := get(t, urlB, map[string]string{"X-POSTHOG-DISTINCT-ID": "u1"})
 	if resp.StatusCode != http.StatusOK || e.Upstream != "old" || e.Headers.Get("X-Feature-Flag-needs-plan") != "false" {
 		t.Fatalf("inconclusive: status %d upstream %q flag %q", resp.StatusCode, e.Upstream, e.Headers.Get("X-Feature-Flag-needs-plan"))
 	}
@@ -572,12 +376,11 @@ func TestUnavailableAndUndecidedGoToDefault(t *testing.T) {
 
 func TestMatchersAndPlaceholders(t *testing.T) {
 	multi, multiExpect, ids := vectors(t, "consistency_multivariate.json")
-	defsFile := filepath.Join(inProcessDir(t), "flags.json")
+	defsFile := filepath.Join(t.TempDir(), "flags.json")
 	doc := mergeFlags(t, multi, []byte(`{"flags": [{"key": "with-payload", "active": true,
 		"filters": {"groups": [{"rollout_percentage": 100}], "payloads": {"true": "{\"color\": \"blue\"}"}}}]}`))
 	writeFileAtomically(t, defsFile, doc)
-	tester := caddytest.NewTester(t)
-	tester.InitServer(fmt.Sprintf(`{
+	load(t, fmt.Sprintf(`{
 	%s
 	feature_flags {
 		definitions %s
@@ -599,11 +402,11 @@ func TestMatchersAndPlaceholders(t *testing.T) {
 	@second feature_flag multivariate-flag second-variant
 	respond @second "matched without the directive"
 	respond "not matched"
-}`, globals(t), defsFile), "caddyfile")
+}`, globals(t.TempDir()), defsFile))
 
 	for _, id := range ids[:200] {
 		want := multiExpect[id]
-		resp, e := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": id})
+		resp, e := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": id})
 		if e.Upstream != fmt.Sprintf(`%s|%s|{"color": "blue"}|false`, id, want) {
 			t.Fatalf("%s: placeholders gave %q (want variant %s)", id, e.Upstream, want)
 		}
@@ -612,9 +415,132 @@ func TestMatchersAndPlaceholders(t *testing.T) {
 			(resp.Header.Get("X-CEL") == "yes") != (want == "third-variant" || want == "fourth-variant") {
 			t.Fatalf("%s (%s): matched %q enabled %q cel %q", id, want, resp.Header.Get("X-Matched"), resp.Header.Get("X-Enabled"), resp.Header.Get("X-CEL"))
 		}
-		_, plain := get(t, "http://127.0.0.1:9081/", map[string]string{"X-POSTHOG-DISTINCT-ID": id})
+		_, plain := get(t, urlB, map[string]string{"X-POSTHOG-DISTINCT-ID": id})
 		if (plain.Upstream == "matched without the directive") != (want == "second-variant") {
 			t.Fatalf("%s (%s): site without the directive answered %q", id, want, plain.Upstream)
+		}
+	}
+}
+
+// A request whose flag routes it to an upstream that is down falls back to the
+// default upstream: it was served what false is served, and everything that
+// observes it says so: PostHog's exposure, the routed-request metrics and the
+// rollout's arms. Only fallbacks_total remembers the value it had.
+func TestAFallbackIsServedAndReportedAsFalse(t *testing.T) {
+	ph := posthogtest.New(testProjectKey, testPersonalKey, checkoutDefs(100))
+	t.Cleanup(ph.Close)
+	old := newUpstream(t, "old")
+	down := newUpstream(t, "down")
+	down.srv.Close() // nothing answers there any more
+	storage := t.TempDir()
+	load(t, fmt.Sprintf(`{
+	%s
+	feature_flags {
+		posthog {
+			host %s
+			project_api_key %s
+			personal_api_key %s
+			events on {
+				flush_interval 50ms
+			}
+		}
+		rollout checkout {
+			steps 100
+			step_duration 1h
+		}
+	}
+}
+:9080 {
+	feature_flags
+	reverse_proxy %s %s {
+		lb_policy feature_flag checkout {
+			true %s
+			default %s
+		}
+		lb_retries 2
+		fail_duration 30s
+		max_fails 1
+	}
+}`, globals(storage), ph.URL, testProjectKey, testPersonalKey, old.dial(), down.dial(), down.dial(), old.dial()))
+	eventually(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
+	served := func(variant string) float64 {
+		return metricSum(t, "caddy_feature_flags_requests_total", map[string]string{"flag": "checkout", "variant": variant})
+	}
+	fellBack := func() float64 {
+		return metricSum(t, "caddy_feature_flags_fallbacks_total", map[string]string{"flag": "checkout", "value": "true"})
+	}
+	falseBefore, trueBefore, fallbacksBefore := served("false"), served("true"), fellBack()
+
+	const users = 20
+	for i := 0; i < users; i++ {
+		resp, e := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("fallback-%d", i)})
+		if resp.StatusCode != http.StatusOK || e.Upstream != "old" {
+			t.Fatalf("request %d: %d from %q", i, resp.StatusCode, e.Upstream)
+		}
+	}
+	eventsDelivered(t, ph, users)
+	events, _ := ph.Events()
+	for _, e := range events {
+		if e.Properties["$feature_flag"] != "checkout" || e.Properties["$feature_flag_response"] != false {
+			t.Errorf("%s: reported %v = %v; the user was served the default upstream", e.DistinctID,
+				e.Properties["$feature_flag"], e.Properties["$feature_flag_response"])
+		}
+	}
+	if got := served("false") - falseBefore; got != users {
+		t.Errorf("requests_total{variant=false} rose by %v, want %d", got, users)
+	}
+	if got := served("true") - trueBefore; got != 0 {
+		t.Errorf("requests_total{variant=true} rose by %v: the old upstream's answers were credited to true", got)
+	}
+	if got := fellBack() - fallbacksBefore; got != users {
+		t.Errorf("fallbacks_total rose by %v, want %d", got, users)
+	}
+	total := rolloutOf(t, adminURL, "checkout").Total
+	if total.Control.Requests != users || total.Treatment.Requests != 0 {
+		t.Errorf("the rollout counted %+v, want every fallback as control", total)
+	}
+}
+
+// A site that routes by a flag without the feature_flags directive is warned
+// about at load: nothing observes its responses.
+func TestSitesRoutingWithoutTheDirectiveAreWarnedAbout(t *testing.T) {
+	defsFile := filepath.Join(t.TempDir(), "flags.json")
+	writeFileAtomically(t, defsFile, checkoutDefs(50))
+	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
+	storage := t.TempDir()
+	load(t, fmt.Sprintf(`{
+	%s
+	feature_flags {
+		definitions %s
+		rollout checkout {
+			steps 10 100
+		}
+	}
+}
+:9080 {
+	@hero feature_flag hero test
+	header @hero X-Hero test
+	%s
+}
+:9081 {
+	feature_flags
+	@hero feature_flag hero test
+	header @hero X-Hero test
+	%s
+}`, globals(storage), defsFile, checkoutProxy(old, nu), checkoutProxy(old, nu)))
+	var warned []string
+	for _, line := range logOf(t, storage) {
+		if msg, _ := line["msg"].(string); line["level"] == "warn" && strings.Contains(msg, "without the feature_flags directive") {
+			warned = append(warned, fmt.Sprintf("%v %v %v rollout=%v", line["server"], line["flag"], line["by"], strings.Contains(msg, "a rollout's flag")))
+		}
+	}
+	if len(warned) != 2 || !strings.Contains(warned[0], "checkout lb_policy feature_flag rollout=true") ||
+		!strings.Contains(warned[1], "hero feature_flag matcher rollout=false") {
+		t.Errorf("warnings: %q", warned)
+	}
+	for _, w := range warned {
+		if strings.Contains(w, "9081") {
+			t.Errorf("the site with the directive was warned about: %s", w)
 		}
 	}
 }

@@ -68,8 +68,9 @@ func (c *EventsConfig) validate() error {
 	return nil
 }
 
-// eventPipes holds the event queues, which outlive a config reload: events
-// queued under the old config are sent under the new one.
+// eventPipes holds the event pipes, which outlive a config reload: a reload
+// that keeps the event settings keeps the pipe, its queue and its one
+// delivery loop, so no batch changes hands.
 var eventPipes = caddy.NewUsagePool()
 
 // eventPipe is a queue to PostHog plus the memory of what was reported.
@@ -84,9 +85,19 @@ type eventPipe struct {
 	lastDropLog atomic.Int64
 }
 
-// Destruct implements caddy.Destructor. The apps using the pipe flushed it
-// when they stopped.
-func (p *eventPipe) Destruct() error { return nil }
+// closeBudget bounds the last delivery when the pipe's last config goes away:
+// events that arrived after its app stopped (requests finishing during the
+// grace period) get this long, then what is left is counted as dropped.
+const closeBudget = time.Second
+
+// Destruct implements caddy.Destructor: the last config using the pipe is
+// gone (shutdown, or a reload to other event settings). The sender's loop
+// stops and what remains is delivered within closeBudget.
+func (p *eventPipe) Destruct() error {
+	ctx, cancel := context.WithTimeout(context.Background(), closeBudget)
+	defer cancel()
+	return p.sender.Close(ctx)
+}
 
 // provisionEvents sets up (or joins) the event pipe for the PostHog project.
 func (a *App) provisionEvents(logger *zap.Logger) error {
@@ -156,28 +167,26 @@ func (p *eventPipe) logDrop(logger *zap.Logger, n int, reason string) {
 		zap.Int("events", n), zap.String("reason", reason))
 }
 
-// startEvents runs the delivery loop until the app stops.
-func (a *App) startEvents(ctx context.Context) {
-	if a.events == nil {
-		return
+// startEvents starts the pipe's delivery loop, which the pipe owns: it runs
+// until the last config using the pipe is cleaned up, so a reload that keeps
+// the event settings neither stops it nor hands a batch to another loop.
+func (a *App) startEvents() {
+	if a.events != nil {
+		a.events.sender.Start()
 	}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		a.events.sender.Run(ctx)
-	}()
 }
 
-// flushEvents sends what is queued; called when the app stops (reload or
-// shutdown), so that no exposure waits for the next config to send it.
-func (a *App) flushEvents() {
+// flushEvents sends what was queued under this config now, rather than at the
+// next batch or flush interval; called when the app stops (reload or
+// shutdown). It returns by ctx's deadline however fast requests keep
+// queueing events; what it could not send stays queued, not lost.
+func (a *App) flushEvents(ctx context.Context) {
 	if a.events == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
 	if err := a.events.sender.Flush(ctx); err != nil {
-		a.logger.Warn("flushing exposure events", zap.Error(err))
+		a.logger.Warn("flushing exposure events; the rest is sent by the delivery loop", zap.Error(err),
+			zap.Int("pending", a.events.sender.Pending()))
 	}
 }
 
@@ -214,7 +223,7 @@ func (st *requestState) expose(result eval.Result) {
 	if pipe == nil || result.Inconclusive() || st.subject.DistinctID == "" {
 		return
 	}
-	now := time.Now()
+	now := st.handler.app.clock.Now()
 	if !pipe.exposures.First(st.subject.DistinctID, result.Key, result.Value(), st.subject.Groups, now) {
 		return
 	}
@@ -226,13 +235,43 @@ func (st *requestState) expose(result eval.Result) {
 	pipe.sender.Enqueue(x.Event())
 }
 
-// exposeAll reports every flag the handler evaluated (events all).
-func (st *requestState) exposeAll() {
+// exposeRouted reports a flag that decided something about the request, with
+// the value the request was served: false when it fell back to the default
+// upstream, whatever the flag said.
+func (st *requestState) exposeRouted(r *routedFlag) {
+	if st.handler.app.events == nil || !r.exposable() {
+		return
+	}
+	var result eval.Result
+	if r.index >= 0 {
+		result = st.results.At(r.index)
+	} else {
+		result = st.extraResult(r.key)
+	}
+	if r.servedFalse() {
+		result = eval.Result{Key: result.Key, Reason: result.Reason, Condition: -1}
+	}
+	st.expose(result)
+}
+
+// exposeServed reports the exposures of a request whose response is known:
+// the flags that decided something about it and, with events all, every flag
+// the handler evaluated and passed to the backend.
+func (st *requestState) exposeServed(routed []routedFlag) {
+	for i := range routed {
+		st.exposeRouted(&routed[i])
+	}
+	if !st.handler.app.eventsAll {
+		return
+	}
 	for i := range st.results.Len() {
 		if st.results.Reason(i).Inconclusive() {
 			continue
 		}
-		st.expose(st.results.At(i))
+		result := st.results.At(i)
+		if findRouted(routed, result.Key) == nil {
+			st.expose(result)
+		}
 	}
 }
 

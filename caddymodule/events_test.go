@@ -4,10 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2/caddytest"
 
 	"github.com/flagsplit/flagsplit/posthog/posthogtest"
 )
@@ -37,12 +36,11 @@ func eventsSite(storage, host, mode string, old, nu *upstream) string {
 // that only travelled as headers too.
 func TestExposureEventsReachPostHog(t *testing.T) {
 	ph := posthogtest.New(testProjectKey, testPersonalKey, eventsDefs(t))
-	defer ph.Close()
+	t.Cleanup(ph.Close)
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
-	storage := inProcessDir(t)
-	tester := caddytest.NewTester(t)
-	tester.InitServer(eventsSite(storage, ph.URL, "on", old, nu), "caddyfile")
-	waitUntil(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
+	storage := t.TempDir()
+	load(t, eventsSite(storage, ph.URL, "on", old, nu))
+	eventually(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
 	sentBefore := metricValue(t, "caddy_feature_flags_events_sent_total")
 
 	const users = 150
@@ -50,7 +48,7 @@ func TestExposureEventsReachPostHog(t *testing.T) {
 	for round := 0; round < 2; round++ {
 		for i := 0; i < users; i++ {
 			id := fmt.Sprintf("exposed-%d", i)
-			resp, e := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": id})
+			resp, e := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": id})
 			checkout := map[string]string{"new": "true", "old": "false"}[e.Upstream]
 			if checkout == "" || e.Headers.Get("X-Feature-Flag-Checkout") != checkout {
 				t.Fatalf("%s reached %q with header %q", id, e.Upstream, e.Headers.Get("X-Feature-Flag-Checkout"))
@@ -66,11 +64,7 @@ func TestExposureEventsReachPostHog(t *testing.T) {
 	// "on": checkout (selection policy) and hero (matcher) for every user,
 	// once although each user came twice; needs-plan never (undecided); idle
 	// never (it only travelled as a header).
-	waitUntil(t, 5*time.Second, "the exposure events", func() bool {
-		events, _ := ph.Events()
-		return len(events) >= 2*users
-	})
-	time.Sleep(200 * time.Millisecond) // let any surplus arrive
+	eventsDelivered(t, ph, 2*users)
 	events, batches := ph.Events()
 	if len(events) != 2*users {
 		t.Fatalf("PostHog received %d events, want %d (one per user for checkout and hero)", len(events), 2*users)
@@ -99,15 +93,11 @@ func TestExposureEventsReachPostHog(t *testing.T) {
 
 	// Reload with "events all": the queue and what was reported carry over,
 	// so the same users now add exactly one event each, for idle.
-	tester.InitServer(eventsSite(storage, ph.URL, "all", old, nu), "caddyfile")
+	load(t, eventsSite(storage, ph.URL, "all", old, nu))
 	for i := 0; i < users; i++ {
-		get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("exposed-%d", i)})
+		get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("exposed-%d", i)})
 	}
-	waitUntil(t, 5*time.Second, "the idle exposures", func() bool {
-		events, _ := ph.Events()
-		return len(events) >= 3*users
-	})
-	time.Sleep(200 * time.Millisecond)
+	eventsDelivered(t, ph, 3*users)
 	events, _ = ph.Events()
 	if len(events) != 3*users {
 		t.Fatalf("after the reload PostHog has %d events, want %d", len(events), 3*users)
@@ -123,7 +113,7 @@ func TestExposureEventsReachPostHog(t *testing.T) {
 // adminReady reports whether the in-process Caddy serves definitions from
 // PostHog.
 func adminReady(t *testing.T) bool {
-	code, body := adminDo(t, http.MethodGet, "http://localhost:2999/feature_flags/", "")
+	code, body := adminDo(t, http.MethodGet, adminURL+"/feature_flags/", "")
 	var st struct {
 		Ready  bool `json:"ready"`
 		Source struct {
@@ -164,28 +154,143 @@ func checkExposure(t *testing.T, e posthogtest.CapturedEvent, served map[string]
 	}
 }
 
+// eventsDelivered waits until the stand-in PostHog has at least n events and
+// the sender has nothing left in flight: after that, no further event can
+// arrive, so what the stand-in has is all there is.
+func eventsDelivered(t *testing.T, ph *posthogtest.Server, n int) {
+	t.Helper()
+	eventually(t, 10*time.Second, fmt.Sprintf("%d exposure events", n), func() bool {
+		events, _ := ph.Events()
+		return len(events) >= n && eventsPending(t) == 0
+	})
+}
+
+// eventsPending is what the admin API says is queued or in flight.
+func eventsPending(t *testing.T) int {
+	st := adminStatusOf(t, adminURL)
+	if st.Events == nil {
+		t.Fatal("the admin status has no events")
+	}
+	return st.Events.Pending
+}
+
 // TestExposureEventsFlushedOnReload checks that events waiting for their batch
-// are sent when the config that queued them stops, not lost with it.
+// are sent when the config that queued them stops, whether the next config
+// keeps the same event settings (the same sender, which must not hold the
+// batch for its flush interval) or has none.
 func TestExposureEventsFlushedOnReload(t *testing.T) {
 	ph := posthogtest.New(testProjectKey, testPersonalKey, eventsDefs(t))
-	defer ph.Close()
+	t.Cleanup(ph.Close)
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
-	storage := inProcessDir(t)
-	tester := caddytest.NewTester(t)
+	storage := t.TempDir()
 	// Events wait for a full batch of 1000 or an hour: only a flush sends them.
-	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "events on {\n flush_interval 1h\n batch_size 1000\n}", ""), "caddyfile")
-	waitUntil(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
-	for i := 0; i < 20; i++ {
-		get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("flushed-%d", i)})
+	slow := "events on {\n flush_interval 1h\n batch_size 1000\n}"
+	load(t, postHogSite(storage, ph.URL, old, nu, slow, ""))
+	eventually(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
+	send := func(prefix string, n int) {
+		for i := 0; i < n; i++ {
+			get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("%s-%d", prefix, i)})
+		}
+		eventually(t, 5*time.Second, "the events to be queued", func() bool { return eventsPending(t) == n })
 	}
-	time.Sleep(100 * time.Millisecond)
+	send("kept", 20)
 	if events, _ := ph.Events(); len(events) != 0 {
 		t.Fatalf("%d events sent before the batch filled or the interval passed", len(events))
 	}
-	// A reload to a config without events stops the old app, which flushes.
-	tester.InitServer(postHogSite(storage, ph.URL, old, nu, "", ""), "caddyfile")
-	waitUntil(t, 5*time.Second, "the flush", func() bool {
-		events, _ := ph.Events()
-		return len(events) == 20
-	})
+	// A reload with identical event settings: the config that queued them
+	// stops, and its flush delivers them while the reload is under way.
+	start := time.Now()
+	load(t, postHogSite(storage, ph.URL, old, nu, slow, "header X-Reloaded yes"))
+	took := time.Since(start)
+	if events, _ := ph.Events(); len(events) != 20 || eventsPending(t) != 0 {
+		t.Fatalf("after a reload keeping the event settings: %d events delivered, %d pending (reload took %v)", len(events), eventsPending(t), took)
+	}
+	t.Logf("the reload, which delivered the batch, took %v", took)
+
+	// A reload to a config without events: the old config flushes too.
+	send("dropped-settings", 20)
+	load(t, postHogSite(storage, ph.URL, old, nu, "", ""))
+	if events, _ := ph.Events(); len(events) != 40 {
+		t.Fatalf("after a reload without events: %d events delivered, want 40", len(events))
+	}
+}
+
+// TestReloadUnderSteadyTrafficWithEvents reloads while new users keep coming
+// and PostHog's /batch/ takes 100 ms to answer: the reload must return within
+// the README's 5 s, and every user's exposure must arrive exactly once.
+func TestReloadUnderSteadyTrafficWithEvents(t *testing.T) {
+	ph := posthogtest.New(testProjectKey, testPersonalKey, eventsDefs(t))
+	t.Cleanup(ph.Close)
+	ph.SetBatchDelay(100 * time.Millisecond)
+	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
+	storage := t.TempDir()
+	events := "events on {\n flush_interval 200ms\n batch_size 20\n}"
+	load(t, postHogSite(storage, ph.URL, old, nu, events, ""))
+	eventually(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
+
+	// About 200 new users a second, each served once.
+	var served atomic.Int64
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+			}
+			req, _ := http.NewRequest(http.MethodGet, urlA, nil)
+			req.Header.Set("X-POSTHOG-DISTINCT-ID", fmt.Sprintf("steady-%d", i))
+			if resp, err := client.Do(req); err == nil {
+				if resp.StatusCode == http.StatusOK {
+					served.Add(1)
+				}
+				resp.Body.Close()
+			}
+		}
+	}()
+	stopTraffic := func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		<-done
+	}
+	defer stopTraffic()
+	eventually(t, 10*time.Second, "traffic", func() bool { return served.Load() >= 300 })
+	for round := 0; round < 3; round++ {
+		start := time.Now()
+		load(t, postHogSite(storage, ph.URL, old, nu, events, fmt.Sprintf("header X-Round %d", round)))
+		if took := time.Since(start); took > 5*time.Second {
+			t.Errorf("reload %d under traffic took %v, more than the 5 s the README promises", round, took)
+		} else {
+			t.Logf("reload %d under traffic took %v", round, took)
+		}
+		target := served.Load() + 100
+		eventually(t, 10*time.Second, "more traffic", func() bool { return served.Load() >= target })
+	}
+	stopTraffic()
+	n := int(served.Load())
+	eventsDelivered(t, ph, n)
+	got, _ := ph.Events()
+	seen := map[string]int{}
+	for _, e := range got {
+		if e.Properties["$feature_flag"] == "checkout" {
+			seen[e.DistinctID]++
+		}
+	}
+	if len(seen) != n {
+		t.Errorf("%d users were served, %d have an exposure", n, len(seen))
+	}
+	for id, c := range seen {
+		if c != 1 {
+			t.Errorf("%s: %d exposures", id, c)
+		}
+	}
+	if dropped := adminStatusOf(t, adminURL).Events.Dropped; dropped != 0 {
+		t.Errorf("%d events dropped", dropped)
+	}
 }

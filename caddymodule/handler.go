@@ -17,6 +17,7 @@ import (
 
 	"github.com/flagsplit/flagsplit/eval"
 	"github.com/flagsplit/flagsplit/proxy"
+	"github.com/flagsplit/flagsplit/rollout"
 )
 
 func init() {
@@ -124,7 +125,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("feature_flags app: %w", err)
 	}
-	return h.setup(appVal.(*App), ctx.Logger())
+	app := appVal.(*App)
+	if err := h.setup(app, ctx.Logger()); err != nil {
+		return err
+	}
+	for _, f := range h.Flags {
+		app.reference(flagReference{flag: f, where: "feature_flags flags"})
+	}
+	return nil
 }
 
 // setup prepares a handler for an app (also used for the app's implicit
@@ -263,7 +271,7 @@ type boundSet struct {
 
 type boundRollout struct {
 	index int
-	run   *rolloutRun
+	run   *rollout.Run
 }
 
 // bind returns the flag selection for the definitions in force.
@@ -291,7 +299,7 @@ func (h *Handler) bind(defs *eval.Definitions) *boundSet {
 		// generation (installing them re-applies overrides), so the run can
 		// be bound here; its ramp, which a restart replaces, is loaded per
 		// request.
-		if run := h.app.engine.rolloutRun(key); run != nil {
+		if run := h.app.engine.rollouts.InForce().Run(key); run != nil {
 			b.rollouts = append(b.rollouts, boundRollout{index: i, run: run})
 		}
 	}
@@ -308,14 +316,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	st.bound.headers.Apply(r, st.identity.DistinctID, st.results.Value)
 	st.countEvaluations()
-	if h.app.eventsAll {
-		st.exposeAll()
-	}
 
 	st.recorder.ResponseWriter = w
 	start := time.Now()
 	err := next.ServeHTTP(&st.recorder, r)
-	st.finish(err, time.Since(start), repl)
+	st.observe(err, time.Since(start), repl)
 	return err
 }
 
@@ -323,7 +328,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // the request (vars and placeholders). assign mints an identity when none is
 // found and the handler is configured to.
 func (h *Handler) evaluate(r *http.Request, repl *caddy.Replacer, assign bool) *requestState {
-	st := &requestState{handler: h}
+	st := &requestState{handler: h, implicit: !assign}
 	st.recorder.state = st
 	var malformed proxy.SourceKind
 	st.identity, malformed = h.resolver.Resolve(r, repl)
@@ -360,7 +365,7 @@ func (h *Handler) evaluate(r *http.Request, repl *caddy.Replacer, assign bool) *
 		st.subject.Groups = append(st.subject.Groups, eval.Group{Type: g.typ, Key: key, Properties: h.properties(g.props, r, repl, nil)})
 	}
 
-	defs := h.app.engine.store.Load()
+	defs := h.app.engine.definitions()
 	st.bound = h.bind(defs)
 	h.app.engine.cache.Evaluate(st.bound.fs, &st.subject, &st.results)
 

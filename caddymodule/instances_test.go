@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"testing"
@@ -13,9 +12,9 @@ import (
 // Real Caddy processes (this test binary run as `caddy run`): two instances
 // sharing one file-system storage, restarts, and a restart while PostHog is down.
 
-func instanceConfig(adminPort, httpPort int, storage, posthogURL string, old, nu *upstream) string {
+func instanceConfig(storage, posthogURL string, old, nu *upstream) string {
 	return fmt.Sprintf(`{
-	admin localhost:%d
+	%s
 	storage file_system %s
 	skip_install_trust
 	auto_https off
@@ -31,76 +30,64 @@ func instanceConfig(adminPort, httpPort int, storage, posthogURL string, old, nu
 		sync_interval 100ms
 	}
 }
-:%d {
+%s
 	feature_flags
 	%s
-}`, adminPort, storage, posthogURL, testProjectKey, testPersonalKey, httpPort, checkoutProxy(old, nu))
-}
-
-func adminStatusOf(t *testing.T, admin string) adminStatus {
-	t.Helper()
-	code, body := adminDo(t, http.MethodGet, admin+"/feature_flags/", "")
-	var st adminStatus
-	if code != http.StatusOK || json.Unmarshal([]byte(body), &st) != nil {
-		t.Fatalf("status from %s: %d %s", admin, code, body)
-	}
-	return st
+}`, childAdmin, storage, posthogURL, testProjectKey, testPersonalKey, childSite, checkoutProxy(old, nu))
 }
 
 func TestOverridesAcrossInstancesAndRestarts(t *testing.T) {
 	ph := posthogtest.New(testProjectKey, testPersonalKey, checkoutDefs(100))
-	defer ph.Close()
+	t.Cleanup(ph.Close)
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
 	storage := t.TempDir()
-	adminA, adminB, httpA, httpB := freePort(t), freePort(t), freePort(t), freePort(t)
-	addrA, addrB := fmt.Sprintf("127.0.0.1:%d", httpA), fmt.Sprintf("127.0.0.1:%d", httpB)
-
-	a := startCaddy(t, adminA, instanceConfig(adminA, httpA, storage, ph.URL, old, nu))
-	b := startCaddy(t, adminB, instanceConfig(adminB, httpB, storage, ph.URL, old, nu))
-	for _, addr := range []string{addrA, addrB} {
-		waitUntil(t, 10*time.Second, addr+" to load definitions", func() bool { return routesTo(t, addr, 10) == "new" })
+	portsA, portsB := reservePorts(t), reservePorts(t)
+	a := startCaddy(t, portsA, instanceConfig(storage, ph.URL, old, nu))
+	b := startCaddy(t, portsB, instanceConfig(storage, ph.URL, old, nu))
+	for _, addr := range []string{portsA.siteAddr, portsB.siteAddr} {
+		eventually(t, 10*time.Second, addr+" to load definitions", func() bool { return routesTo(t, addr, 10) == "new" })
 	}
 
 	// Kill switch on A: A obeys at once, B within its sync interval.
-	if code, body := adminDo(t, http.MethodPut, a.admin+"/feature_flags/overrides/checkout", `{"killed": true}`); code != http.StatusOK {
+	if code, body := adminDo(t, http.MethodPut, portsA.adminURL+"/feature_flags/overrides/checkout", `{"killed": true}`); code != http.StatusOK {
 		t.Fatalf("PUT on A: %d %s", code, body)
 	}
-	if got := routesTo(t, addrA, 20); got != "old" {
+	if got := routesTo(t, portsA.siteAddr, 20); got != "old" {
 		t.Fatalf("A after its own kill switch: %s", got)
 	}
 	start := time.Now()
-	waitUntil(t, 5*time.Second, "B to converge on the kill switch", func() bool { return routesTo(t, addrB, 10) == "old" })
+	eventually(t, 5*time.Second, "B to converge on the kill switch", func() bool { return routesTo(t, portsB.siteAddr, 10) == "old" })
 	t.Logf("B converged %v after the override was set on A", time.Since(start).Round(time.Millisecond))
 
 	// Restart A: the override comes back from storage.
 	a.stop()
-	a = startCaddyConfig(t, adminA, a.config)
-	waitUntil(t, 10*time.Second, "A to serve after the restart", func() bool { return adminStatusOf(t, a.admin).Ready })
-	if got := routesTo(t, addrA, 20); got != "old" {
+	a = restartCaddy(t, portsA, a.config)
+	eventually(t, 10*time.Second, "A to serve after the restart", func() bool { return adminStatusOf(t, portsA.adminURL).Ready })
+	if got := routesTo(t, portsA.siteAddr, 20); got != "old" {
 		t.Fatalf("A after a restart: %s", got)
 	}
-	if st := adminStatusOf(t, a.admin); !st.Overrides["checkout"].Killed {
-		t.Errorf("A's status lacks the override: %+v", st.Overrides)
+	if st := adminStatusOf(t, portsA.adminURL); !st.Overrides["checkout"].Killed || st.OverridesRevision == 0 {
+		t.Errorf("A's status lacks the override: %+v (revision %d)", st.Overrides, st.OverridesRevision)
 	}
 
 	// Clear it on B: both converge back.
-	if code, body := adminDo(t, http.MethodDelete, b.admin+"/feature_flags/overrides/checkout", ""); code != http.StatusOK {
+	if code, body := adminDo(t, http.MethodDelete, portsB.adminURL+"/feature_flags/overrides/checkout", ""); code != http.StatusOK {
 		t.Fatalf("DELETE on B: %d %s", code, body)
 	}
-	waitUntil(t, 5*time.Second, "A to converge on the cleared override", func() bool { return routesTo(t, addrA, 10) == "new" })
+	eventually(t, 5*time.Second, "A to converge on the cleared override", func() bool { return routesTo(t, portsA.siteAddr, 10) == "new" })
+	b.stop()
 
 	// Restart A while PostHog is unreachable: the last-known-good copy in
 	// storage serves.
 	a.stop()
 	ph.Close()
-	a = startCaddyConfig(t, adminA, a.config)
-	waitUntil(t, 10*time.Second, "A to serve the stored copy", func() bool { return adminStatusOf(t, a.admin).Ready })
-	st := adminStatusOf(t, a.admin)
-	if st.Source.Kind != "storage" || st.FlagCount != 3 {
+	restartCaddy(t, portsA, a.config)
+	eventually(t, 10*time.Second, "A to serve the stored copy", func() bool { return adminStatusOf(t, portsA.adminURL).Ready })
+	st := adminStatusOf(t, portsA.adminURL)
+	if st.Source.Kind != string(sourceStored) || st.FlagCount != 3 {
 		t.Errorf("source after a restart with PostHog down: %+v (%d flags)", st.Source, st.FlagCount)
 	}
-	if got := routesTo(t, addrA, 20); got != "new" {
+	if got := routesTo(t, portsA.siteAddr, 20); got != "new" {
 		t.Fatalf("A with PostHog down: %s", got)
 	}
-	_ = b
 }

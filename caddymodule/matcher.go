@@ -67,6 +67,7 @@ func (m *MatchFeatureFlag) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("feature_flags app: %w", err)
 	}
 	m.app = app.(*App)
+	m.app.reference(flagReference{flag: m.Flag, values: m.Values, where: "feature_flag matcher"})
 	return nil
 }
 
@@ -77,6 +78,7 @@ func (m MatchFeatureFlag) MatchWithError(r *http.Request) (bool, error) {
 		return false, nil
 	}
 	value, _ := st.route(m.Flag)
+	st.matched(m.Flag)
 	if len(m.Values) == 0 {
 		return value != "false", nil
 	}

@@ -89,6 +89,11 @@ var (
 		Help: "Percentage a rollout currently lets through to the new side (0 once rolled back or aborted).",
 	}, []string{"flag"})
 
+	fallbacksTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "fallbacks_total",
+		Help: "Requests a selection policy could not send where their flag value routes (that upstream was unavailable); they were served the default upstream, or none, and count as false.",
+	}, []string{"flag", "value"})
+
 	rollbacksTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollbacks_total",
 		Help: "Rollouts rolled back by a guardrail, by flag and guardrail.",
@@ -99,7 +104,7 @@ var collectors = []prometheus.Collector{
 	evaluationsTotal, inconclusiveTotal, requestsTotal, requestDuration,
 	definitionsLastSuccess, definitionsErrors, definitionsFlags, definitionsReady, overridesActive,
 	identityTotal, malformedIdentityTotal, eventsSent, eventsDropped,
-	rolloutPercentage, rollbacksTotal,
+	rolloutPercentage, rollbacksTotal, fallbacksTotal,
 }
 
 // registerMetrics adds the collectors to this config's registry.

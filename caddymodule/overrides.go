@@ -5,183 +5,169 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"maps"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/flagsplit/flagsplit/eval"
+	"github.com/flagsplit/flagsplit/storedoc"
+	"go.uber.org/zap"
 )
 
-// storedOverrides is the overrides document in Caddy's storage. All instances
-// sharing the storage read and write the same document; writers take the
-// storage's lock around read-modify-write.
+// overrideSet is the operators' overrides, by flag. It is immutable: changes
+// return a new set, so the set in force can be shared with readers and
+// offered to the replica without copies or locks.
+type overrideSet struct {
+	m map[string]eval.Override
+}
+
+// storedOverrides is overrideSet's form in storage (the same object releases
+// before revisioned documents wrote, so that they still read it).
 type storedOverrides struct {
-	UpdatedAt time.Time                `json:"updated_at"`
 	Overrides map[string]eval.Override `json:"overrides"`
 }
 
-const overridesLockName = "feature_flags_overrides"
+// MarshalJSON implements json.Marshaler.
+func (s overrideSet) MarshalJSON() ([]byte, error) {
+	m := s.m
+	if m == nil {
+		m = map[string]eval.Override{}
+	}
+	return json.Marshal(storedOverrides{Overrides: m})
+}
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (s *overrideSet) UnmarshalJSON(data []byte) error {
+	var doc storedOverrides
+	if err := json.Unmarshal(data, &doc); err != nil {
+		return err
+	}
+	s.m = doc.Overrides
+	return nil
+}
+
+func (s overrideSet) get(flag string) (eval.Override, bool) {
+	o, ok := s.m[flag]
+	return o, ok
+}
+
+func (s overrideSet) len() int { return len(s.m) }
+
+// with returns the set with flag's override replaced (o nil: removed).
+func (s overrideSet) with(flag string, o *eval.Override) overrideSet {
+	m := maps.Clone(s.m)
+	if m == nil {
+		m = map[string]eval.Override{}
+	}
+	if o == nil {
+		delete(m, flag)
+	} else {
+		m[flag] = *o
+	}
+	return overrideSet{m: m}
+}
 
 // errUnknownFlag is returned for an override of a flag the definitions lack.
 var errUnknownFlag = errors.New("unknown flag")
 
-// setOverride validates, persists and applies an override; nil deletes it.
-// It returns whether a deletion removed anything.
-func (a *App) setOverride(ctx context.Context, key string, o *eval.Override) (bool, error) {
+// errInvalidOverride is returned for an override its flag cannot take.
+var errInvalidOverride = errors.New("invalid override")
+
+// errNoOverride is returned when deleting an override that is not set.
+var errNoOverride = errors.New("no override")
+
+// overrideChange is what a change of one override did.
+type overrideChange struct {
+	flag     string
+	old, new *eval.Override
+	revision uint64
+}
+
+// setOverride validates an override and puts it in force on every instance
+// sharing the storage: a read-modify-write of the shared overrides document,
+// whose result is in force here when it returns. o nil deletes the flag's
+// override (errNoOverride when there is none); when, is given, a deletion
+// happens only if the override in force is exactly *when (the kill a
+// rollback set, which restarting the rollout lifts, but not an operator's
+// override that replaced it).
+func (a *App) setOverride(ctx context.Context, flag string, o, when *eval.Override) (overrideChange, error) {
+	ch := overrideChange{flag: flag, new: o}
 	if o != nil {
-		f, ok := a.engine.store.Load().Flag(key)
+		f, ok := a.engine.definitions().Flag(flag)
 		if !ok {
-			return false, fmt.Errorf("%w %q", errUnknownFlag, key)
+			return ch, fmt.Errorf("%w %q", errUnknownFlag, flag)
 		}
 		if err := o.Validate(f); err != nil {
-			return false, err
+			return ch, fmt.Errorf("%w: %v", errInvalidOverride, err)
 		}
 	}
-	existed := false
-	update := func(m map[string]eval.Override) {
-		_, existed = m[key]
-		if o == nil {
-			delete(m, key)
-		} else {
-			m[key] = *o
-		}
-	}
-	if a.storage == nil {
-		e := a.engine
-		e.mu.Lock()
-		next := maps.Clone(e.overrides)
-		if next == nil {
-			next = map[string]eval.Override{}
-		}
-		update(next)
-		e.setOverridesLocked(next, time.Time{})
-		e.mu.Unlock()
-		return existed, nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	// The write must not be abandoned halfway because the admin client
+	// went away; a storage that hangs must not hold the caller forever.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
 	defer cancel()
-	var doc storedOverrides
-	stamp := time.Time{}
-	err := a.withStorageLock(ctx, overridesLockName, func() error {
-		var err error
-		if doc, err = a.readOverrides(ctx); err != nil {
-			return err
+	v, changed, err := a.docs.overrides.Update(ctx, a.engine.overrides, func(cur overrideSet, _ uint64) (overrideSet, bool, error) {
+		old, had := cur.get(flag)
+		if had {
+			ch.old = &old
 		}
-		update(doc.Overrides)
-		doc.UpdatedAt = time.Now().UTC()
-		data, err := json.Marshal(doc)
-		if err != nil {
-			return err
+		switch {
+		case o == nil && !had:
+			return cur, false, errNoOverride
+		case o == nil && when != nil && old != *when:
+			return cur, false, nil
+		case o != nil && had && overridesEqual(old, *o):
+			return cur, false, nil
 		}
-		if err := a.storage.Store(ctx, a.storageKey(overridesKey), data); err != nil {
-			return fmt.Errorf("storing overrides: %w", err)
-		}
-		if info, err := a.storage.Stat(ctx, a.storageKey(overridesKey)); err == nil {
-			stamp = info.Modified
-		}
-		return nil
+		return cur.with(flag, o), true, nil
 	})
 	if err != nil {
-		return false, err
+		return ch, err
 	}
-	e := a.engine
-	e.mu.Lock()
-	e.setOverridesLocked(doc.Overrides, stamp)
-	e.mu.Unlock()
-	return existed, nil
+	if changed {
+		ch.revision = v.Revision
+	}
+	return ch, nil
 }
 
-// withStorageLock runs f holding the storage lock called name, which every
-// instance sharing the storage takes around its read-modify-write.
-func (a *App) withStorageLock(ctx context.Context, name string, f func() error) error {
-	key := a.storageKey(name)
-	if err := a.storage.Lock(ctx, key); err != nil {
-		return fmt.Errorf("locking %s in storage: %w", name, err)
+// overrideChanged records a change of an override: who made it (the admin
+// client's address, or what made it automatically), the old and new value,
+// in the log and as a Caddy event, override_changed. A change that changed
+// nothing (the same override set again) is not recorded.
+func (a *App) overrideChanged(ch overrideChange, by string) {
+	if ch.revision == 0 {
+		return
 	}
-	defer func() {
-		if err := a.storage.Unlock(context.Background(), key); err != nil {
-			a.logger.Warn("unlocking storage", zap.String("lock", name), zap.Error(err))
-		}
-	}()
-	return f()
+	msg := "override set"
+	if ch.new == nil {
+		msg = "override deleted"
+	}
+	a.logger.Info(msg, zap.String("flag", ch.flag), zap.Any("old", ch.old), zap.Any("new", ch.new),
+		zap.String("by", by), zap.Uint64("revision", ch.revision))
+	data := map[string]any{"flag": ch.flag, "by": by, "revision": ch.revision}
+	if ch.old != nil {
+		data["old"] = *ch.old
+	}
+	if ch.new != nil {
+		data["new"] = *ch.new
+	}
+	a.emit("override_changed", data)
 }
 
-func (a *App) readOverrides(ctx context.Context) (storedOverrides, error) {
-	doc := storedOverrides{Overrides: map[string]eval.Override{}}
-	data, err := a.storage.Load(ctx, a.storageKey(overridesKey))
-	if errors.Is(err, fs.ErrNotExist) {
-		return doc, nil
+// syncOverrides picks up overrides written by any instance sharing the
+// storage. The replica takes a version only when it is newer than the one in
+// force, so a read that raced with a change made here is harmless.
+func (a *App) syncOverrides(ctx context.Context) error {
+	applied, err := a.docs.overrides.Sync(ctx, a.engine.overrides)
+	if applied {
+		a.logger.Info("overrides changed in storage", zap.Int("overrides", a.engine.overrides.Value().len()))
 	}
-	if err != nil {
-		return doc, fmt.Errorf("reading overrides: %w", err)
-	}
-	if err := json.Unmarshal(data, &doc); err != nil {
-		return doc, fmt.Errorf("stored overrides are not valid JSON: %w", err)
-	}
-	if doc.Overrides == nil {
-		doc.Overrides = map[string]eval.Override{}
-	}
-	return doc, nil
+	return err
 }
 
-// loadOverrides picks up overrides written by any instance sharing the
-// storage, when the stored document changed since it was last seen.
-func (a *App) loadOverrides(ctx context.Context) error {
-	if a.storage == nil {
-		return nil
+func overridesEqual(x, y eval.Override) bool {
+	if x.Killed != y.Killed || x.Variant != y.Variant || (x.RolloutPercentage == nil) != (y.RolloutPercentage == nil) {
+		return false
 	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	info, err := a.storage.Stat(ctx, a.storageKey(overridesKey))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("checking overrides: %w", err)
-	}
-	e := a.engine
-	e.mu.Lock()
-	seen := e.overridesStamp
-	e.mu.Unlock()
-	if info.Modified.Equal(seen) {
-		return nil
-	}
-	doc, err := a.readOverrides(ctx)
-	if err != nil {
-		return err
-	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if !overridesEqual(doc.Overrides, e.overrides) {
-		a.logger.Info("overrides changed in storage", zap.Int("overrides", len(doc.Overrides)))
-		e.setOverridesLocked(doc.Overrides, info.Modified)
-	} else {
-		e.overridesStamp = info.Modified
-	}
-	return nil
+	return x.RolloutPercentage == nil || *x.RolloutPercentage == *y.RolloutPercentage
 }
 
-// setOverridesLocked applies a new set of overrides. Callers hold e.mu.
-func (e *engine) setOverridesLocked(overrides map[string]eval.Override, stamp time.Time) {
-	e.overrides = overrides
-	e.overridesStamp = stamp
-	e.apply()
-	overridesActive.Set(float64(len(overrides)))
-}
-
-func (e *engine) overridesSnapshot() map[string]eval.Override {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return maps.Clone(e.overrides)
-}
-
-func overridesEqual(a, b map[string]eval.Override) bool {
-	return maps.EqualFunc(a, b, func(x, y eval.Override) bool {
-		if x.Killed != y.Killed || x.Variant != y.Variant || (x.RolloutPercentage == nil) != (y.RolloutPercentage == nil) {
-			return false
-		}
-		return x.RolloutPercentage == nil || *x.RolloutPercentage == *y.RolloutPercentage
-	})
-}
+var _ storedoc.Holder[overrideSet] = (*storedoc.Replica[overrideSet])(nil)

@@ -1,8 +1,12 @@
 package caddymodule
 
 import (
+	"errors"
 	"fmt"
+	"maps"
 	"net/http"
+	"slices"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -105,7 +109,62 @@ func (p *SelectionPolicy) Provision(ctx caddy.Context) error {
 	}
 	p.app = app.(*App)
 	p.logger = ctx.Logger()
+	if err := p.checkUpstreams(ctx); err != nil {
+		return err
+	}
+	values := slices.Sorted(maps.Keys(p.Routes))
+	p.app.reference(flagReference{flag: p.Flag, values: values, where: "lb_policy feature_flag " + p.Flag})
 	return nil
+}
+
+// checkUpstreams refuses routes to upstreams that are not in the
+// reverse_proxy's upstream list: the policy can only choose from that list,
+// so a default outside it answers every request 503, and a value routed
+// outside it always goes to the default. With dynamic upstreams (or
+// placeholders in the list) the list is known only per request, so a
+// mismatch is a warning.
+func (p *SelectionPolicy) checkUpstreams(ctx caddy.Context) error {
+	mods := ctx.Modules()
+	if len(mods) < 2 {
+		return nil
+	}
+	h, ok := mods[len(mods)-2].(*reverseproxy.Handler)
+	if !ok {
+		return nil
+	}
+	var pool []string
+	dynamic := h.DynamicUpstreamsRaw != nil
+	for _, u := range h.Upstreams {
+		if strings.Contains(u.Dial, "{") {
+			dynamic = true
+		}
+		pool = append(pool, proxy.NormalizeUpstream(u.Dial))
+	}
+	listed := "the reverse_proxy has no static upstreams"
+	if len(pool) > 0 {
+		listed = "its upstreams are " + strings.Join(pool, ", ")
+	}
+	var problems []string
+	if !slices.Contains(pool, p.router.Default()) {
+		problems = append(problems, fmt.Sprintf("default upstream %s is not one of this reverse_proxy's upstreams (%s): every request would get 503",
+			p.router.Default(), listed))
+	}
+	for _, value := range slices.Sorted(maps.Keys(p.Routes)) {
+		if up := p.router.Route(value); !slices.Contains(pool, up) {
+			problems = append(problems, fmt.Sprintf("value %q routes to %s, which is not one of this reverse_proxy's upstreams (%s): those requests would always go to the default",
+				value, up, listed))
+		}
+	}
+	if len(problems) == 0 {
+		return nil
+	}
+	msg := fmt.Sprintf("lb_policy feature_flag %s: %s", p.Flag, strings.Join(problems, "; "))
+	if dynamic {
+		p.logger.Warn("the selection policy routes to upstreams the static upstream list lacks; with dynamic upstreams (or placeholders) they must come from there",
+			zap.String("flag", p.Flag), zap.String("problem", msg))
+		return nil
+	}
+	return errors.New(msg)
 }
 
 // upstreamPool adapts reverse_proxy's pool to proxy.Pool.
@@ -118,10 +177,14 @@ func (u upstreamPool) Available(i int) bool { return u[i].Available() }
 // Select implements reverseproxy.Selector.
 func (p *SelectionPolicy) Select(pool reverseproxy.UpstreamPool, r *http.Request, _ http.ResponseWriter) *reverseproxy.Upstream {
 	value, decided := "false", false
-	if st := p.app.requestFlags(r); st != nil {
+	st := p.app.requestFlags(r)
+	if st != nil {
 		value, decided = st.route(p.Flag)
 	}
 	i, decision := proxy.Select(p.router, upstreamPool(pool), value, decided)
+	if st != nil {
+		st.selected(p.Flag, decision)
+	}
 	if decision != proxy.DecisionRoute && decision != proxy.DecisionDefault {
 		if c := p.logger.Check(zapcore.DebugLevel, "feature flag route unavailable"); c != nil {
 			c.Write(zap.String("flag", p.Flag), zap.String("value", value), zap.String("decision", decision.String()))

@@ -9,10 +9,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 
-	"github.com/flagsplit/flagsplit/eval"
 	"github.com/flagsplit/flagsplit/posthog"
 )
 
@@ -38,13 +36,6 @@ type PostHogConfig struct {
 // minPollInterval is posthog-node's floor. Each poll is billed like ten /flags
 // requests (a 304 may be too), so intervals well above it are usual.
 const minPollInterval = 100 * time.Millisecond
-
-// storage keys, under the app's namespace.
-const (
-	definitionsKey = "definitions.json"
-	overridesKey   = "overrides.json"
-	activityKey    = "activity.json"
-)
 
 // storedDefinitions is the last-known-good copy of PostHog's answer.
 type storedDefinitions struct {
@@ -96,32 +87,24 @@ func (a *App) startPostHog(ctx context.Context) {
 	if a.poller == nil {
 		return
 	}
+	a.serveStoredDefinitions(ctx)
 	e := a.engine
-	if e.sourceKind() != "posthog" {
-		if stored, err := a.loadStoredDefinitions(ctx); err != nil {
-			if !errors.Is(err, fs.ErrNotExist) {
-				a.logger.Warn("reading the last-known-good flag definitions", zap.Error(err))
-			}
-		} else {
-			a.logger.Info("serving the last-known-good flag definitions until PostHog answers",
-				zap.Time("fetched_at", stored.FetchedAt), zap.Int("flags", e.store.Load().Len()))
-		}
-	}
-	a.poller.SetETag(e.etag())
+	a.poller.Validator = e.etag
 	a.poller.Handlers = posthog.Handlers{
 		Definitions:  func(body []byte, etag string) error { return a.acceptDefinitions(ctx, body, etag) },
-		NotModified:  func() { e.touchFetch(); definitionsLastSuccess.SetToCurrentTime() },
-		QuotaLimited: func(detail string) { a.quotaLimited(detail) },
+		NotModified:  e.fetched,
+		QuotaLimited: a.quotaLimited,
 		Unauthorized: func(status int, detail string) {
-			definitionsErrors.Inc()
-			e.setError(fmt.Sprintf("PostHog refused the key (%d): %s", status, detail))
+			msg := fmt.Sprintf("PostHog refused the key (%d): %s", status, detail)
+			e.failed(msg)
+			a.definitionsFailed(sourcePostHog, errors.New(msg))
 			a.logger.Error("PostHog refused the personal API key; the last good flag definitions keep serving. "+
 				"Check personal_api_key (needs feature_flag:read) and project_api_key",
 				zap.Int("status", status), zap.String("detail", detail))
 		},
 		Failure: func(err error, consecutive int, retryIn time.Duration) {
-			definitionsErrors.Inc()
-			e.setError(err.Error())
+			e.failed(err.Error())
+			a.definitionsFailed(sourcePostHog, err)
 			a.logger.Warn("fetching flag definitions failed; the last good definitions keep serving",
 				zap.Error(err), zap.Int("consecutive_failures", consecutive), zap.Duration("retry_in", retryIn))
 		},
@@ -135,62 +118,39 @@ func (a *App) startPostHog(ctx context.Context) {
 
 // acceptDefinitions installs a definitions body from PostHog and keeps a copy
 // in storage. A body that does not parse is refused (the last good set stays);
-// malformed flags inside a parseable body are logged and served as
-// inconclusive, since refusing the whole answer would freeze every other flag.
+// malformed flags inside a parseable body are logged and serve false.
 func (a *App) acceptDefinitions(ctx context.Context, body []byte, etag string) error {
-	defs, err := eval.Parse(body)
+	res, err := a.engine.install(definitionsSource{kind: sourcePostHog, location: a.PostHog.Host, etag: etag}, body)
 	if err != nil {
 		return fmt.Errorf("PostHog sent definitions that do not parse: %w", err)
 	}
-	for _, p := range defs.Problems() {
+	if !res.changed {
+		return nil
+	}
+	for _, p := range res.problems {
 		a.logger.Error("malformed flag in PostHog's definitions; it serves false", zap.String("problem", p.String()))
 	}
-	e := a.engine
-	e.mu.Lock()
-	changed := e.base == nil || e.source.Kind != "posthog" || e.source.Checksum != checksum(body)
-	e.etagValue = etag
-	e.install(defs, sourceInfo{Kind: "posthog", Location: a.PostHog.Host, Loaded: time.Now(), Checksum: checksum(body), ETag: etag})
-	e.mu.Unlock()
-	if changed {
-		a.logger.Info("flag definitions updated from PostHog", zap.Int("flags", defs.Len()), zap.String("etag", etag))
-		e.logWarnings(a.logger)
-	}
+	a.logger.Info("flag definitions updated from PostHog", zap.Int("flags", res.defs.Len()), zap.String("etag", etag))
+	a.definitionsRefreshed(res)
 	if err := a.storeDefinitions(ctx, body, etag); err != nil {
 		a.logger.Warn("keeping a last-known-good copy of the flag definitions", zap.Error(err))
 	}
 	return nil
 }
 
+// emptyDefinitions is the document that a 402 puts in force.
+var emptyDefinitions = []byte(`{"flags": []}`)
+
 func (a *App) quotaLimited(detail string) {
-	e := a.engine
-	e.mu.Lock()
-	e.etagValue = ""
-	e.install(emptyDefinitions(), sourceInfo{Kind: "posthog", Location: a.PostHog.Host, Loaded: time.Now(),
-		Error: "quota limited: " + detail})
-	e.mu.Unlock()
+	_, _ = a.engine.install(definitionsSource{kind: sourcePostHog, location: a.PostHog.Host, note: "quota limited: " + detail}, emptyDefinitions)
 	definitionsErrors.Inc()
+	a.definitionsFailed(sourcePostHog, errors.New("quota limited: "+detail))
 	a.logger.Error("PostHog says the project is over its feature flag quota (402); flag definitions dropped, "+
 		"every flag serves false and routes to default until the quota allows", zap.String("detail", detail))
 }
 
-func emptyDefinitions() *eval.Definitions {
-	d, _ := eval.Parse([]byte(`{"flags": []}`))
-	return d
-}
-
-func (a *App) storageKey(name string) string {
-	ns := "local"
-	if a.PostHog != nil {
-		ns = a.PostHog.ProjectAPIKey
-	}
-	return "feature_flags/" + ns + "/" + name
-}
-
 func (a *App) storeDefinitions(ctx context.Context, body []byte, etag string) error {
-	if a.storage == nil {
-		return nil
-	}
-	data, err := json.Marshal(storedDefinitions{FetchedAt: time.Now().UTC(), ETag: etag, Host: a.PostHog.Host, Definitions: body})
+	data, err := json.Marshal(storedDefinitions{FetchedAt: a.clock.Now().UTC(), ETag: etag, Host: a.PostHog.Host, Definitions: body})
 	if err != nil {
 		return err
 	}
@@ -199,38 +159,34 @@ func (a *App) storeDefinitions(ctx context.Context, body []byte, etag string) er
 	return a.storage.Store(ctx, a.storageKey(definitionsKey), data)
 }
 
-func (a *App) loadStoredDefinitions(ctx context.Context) (storedDefinitions, error) {
-	var stored storedDefinitions
-	if a.storage == nil {
-		return stored, fs.ErrNotExist
-	}
+// serveStoredDefinitions puts the last-known-good copy in force, unless
+// PostHog's own answer already is (a reload).
+func (a *App) serveStoredDefinitions(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	data, err := a.storage.Load(ctx, a.storageKey(definitionsKey))
+	if errors.Is(err, fs.ErrNotExist) {
+		return
+	}
+	var stored storedDefinitions
+	if err == nil {
+		err = json.Unmarshal(data, &stored)
+	}
 	if err != nil {
-		return stored, err
+		a.logger.Warn("reading the last-known-good flag definitions", zap.Error(err))
+		return
 	}
-	if err := json.Unmarshal(data, &stored); err != nil {
-		return stored, fmt.Errorf("stored definitions: %w", err)
+	res, err := a.engine.install(definitionsSource{kind: sourceStored, location: a.storageKey(definitionsKey),
+		etag: stored.ETag, fetchedAt: stored.FetchedAt}, stored.Definitions)
+	switch {
+	case err != nil:
+		a.logger.Warn("the last-known-good flag definitions do not parse", zap.Error(err))
+	case res.changed:
+		a.logger.Info("serving the last-known-good flag definitions until PostHog answers",
+			zap.Time("fetched_at", stored.FetchedAt), zap.Int("flags", res.defs.Len()))
+		a.definitionsRefreshed(res)
 	}
-	defs, err := eval.Parse(stored.Definitions)
-	if err != nil {
-		return stored, fmt.Errorf("stored definitions: %w", err)
-	}
-	e := a.engine
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.source.Kind == "posthog" {
-		return stored, nil // PostHog answered meanwhile
-	}
-	e.etagValue = stored.ETag
-	e.install(defs, sourceInfo{Kind: "storage", Location: a.storageKey(definitionsKey), Loaded: stored.FetchedAt,
-		Checksum: checksum(stored.Definitions), ETag: stored.ETag})
-	return stored, nil
 }
-
-// storageOf returns Caddy's configured storage.
-func storageOf(ctx caddy.Context) certmagic.Storage { return ctx.Storage() }
 
 func caddyVersion() string {
 	_, full := caddy.Version()

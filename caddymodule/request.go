@@ -27,7 +27,11 @@ const placeholderPrefix = "feature_flags."
 // long as the request (access logs read placeholders after the handler chain
 // returns), so it is not pooled.
 type requestState struct {
-	handler  *Handler
+	handler *Handler
+	// implicit: no feature_flags handler runs for the request (a matcher or
+	// policy on a site without the directive evaluated it), so no response
+	// is observed.
+	implicit bool
 	identity proxy.Identity
 	cookie   *http.Cookie
 	subject  eval.Subject
@@ -48,14 +52,41 @@ type requestState struct {
 	extra map[string]eval.Result
 }
 
+// routedFlag is a flag that decided something about the request.
 type routedFlag struct {
 	key     string
 	value   string
 	decided bool
-	// metrics are the flag value's resolved series; nil for a flag outside
-	// the handler's selection (resolved by name then).
-	metrics *valueMetrics
+	// index is the flag's position in the handler's selection, or -1 for a
+	// flag outside it.
+	index int
+	// decision is how the selection policy routed the request (a matcher
+	// leaves DecisionRoute: the value decided). DecisionFallback means the
+	// value's upstream was unavailable and the default served the request;
+	// DecisionNone that no upstream could.
+	decision proxy.Decision
+	// exposed: the exposure was reported (the implicit path reports it at
+	// the decision, as it sees no response).
+	exposed bool
 }
+
+// servedFalse reports whether the request was not served the flag's value:
+// it fell back to the default upstream, which is what false is served, or no
+// upstream could serve it.
+func (r *routedFlag) servedFalse() bool {
+	return r.decision == proxy.DecisionFallback || r.decision == proxy.DecisionNone
+}
+
+// served is the value the request was actually served.
+func (r *routedFlag) served() string {
+	if r.servedFalse() {
+		return "false"
+	}
+	return r.value
+}
+
+// exposable reports whether the request exposed the user to a decided value.
+func (r *routedFlag) exposable() bool { return r.decided && r.decision != proxy.DecisionNone }
 
 // stateOf returns the state the handler attached to the request, or nil.
 func stateOf(r *http.Request) *requestState {
@@ -64,29 +95,79 @@ func stateOf(r *http.Request) *requestState {
 }
 
 // route returns a flag's value for this request and notes that the flag decides
-// where the request goes (matchers and selection policies call it): from the
+// something about it (matchers and selection policies call it): from the
 // handler's results when the flag is in its selection, otherwise evaluated on
 // demand (and kept). decided is false for inconclusive and unknown flags.
 func (st *requestState) route(key string) (value string, decided bool) {
-	var metrics *valueMetrics
-	i, selected := st.bound.index[key]
-	var extra eval.Result
-	if selected {
+	index := -1
+	if i, selected := st.bound.index[key]; selected {
+		index = i
 		value, decided = st.results.Value(i), !st.results.Reason(i).Inconclusive()
-		metrics = &st.bound.metrics[i][st.results.ValueIndex(i)]
 	} else {
-		extra = st.extraResult(key)
-		value, decided = extra.Value(), !extra.Inconclusive()
+		r := st.extraResult(key)
+		value, decided = r.Value(), !r.Inconclusive()
 	}
-	if st.markRouted(routedFlag{key: key, value: value, decided: decided, metrics: metrics}) && decided &&
-		st.handler.app.events != nil {
-		if selected {
-			st.expose(st.results.At(i))
-		} else {
-			st.expose(extra)
+	st.mu.Lock()
+	if st.findRouted(key) == nil {
+		if st.routed == nil {
+			st.routed = st.routedInline[:0]
+		}
+		st.routed = append(st.routed, routedFlag{key: key, value: value, decided: decided, index: index})
+	}
+	st.mu.Unlock()
+	return value, decided
+}
+
+// selected notes how the selection policy routed the request for a flag it
+// asked route about; with retries the last attempt counts. A site without
+// the feature_flags directive sees no response, so its exposure is reported
+// here, once the policy has chosen.
+func (st *requestState) selected(key string, decision proxy.Decision) {
+	st.mu.Lock()
+	r := st.findRouted(key)
+	if r == nil {
+		st.mu.Unlock()
+		return
+	}
+	r.decision = decision
+	expose := st.implicit && !r.exposed && r.exposable()
+	r.exposed = r.exposed || expose
+	rf := *r
+	st.mu.Unlock()
+	if expose {
+		st.exposeRouted(&rf)
+	}
+}
+
+// matched notes that a matcher decided on a flag. A site without the
+// feature_flags directive sees no response, so its exposure is reported
+// here.
+func (st *requestState) matched(key string) {
+	if !st.implicit {
+		return
+	}
+	st.mu.Lock()
+	r := st.findRouted(key)
+	expose := r != nil && !r.exposed
+	var rf routedFlag
+	if expose {
+		r.exposed = true
+		rf = *r
+	}
+	st.mu.Unlock()
+	if expose {
+		st.exposeRouted(&rf)
+	}
+}
+
+// findRouted returns the routed entry of key, or nil. Callers hold st.mu.
+func (st *requestState) findRouted(key string) *routedFlag {
+	for i := range st.routed {
+		if st.routed[i].key == key {
+			return &st.routed[i]
 		}
 	}
-	return value, decided
+	return nil
 }
 
 func (st *requestState) extraResult(key string) eval.Result {
@@ -101,23 +182,6 @@ func (st *requestState) extraResult(key string) eval.Result {
 	}
 	st.extra[key] = r
 	return r
-}
-
-// markRouted notes that a flag decided where the request went, and reports
-// whether this is the first time for this request.
-func (st *requestState) markRouted(rf routedFlag) bool {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	for _, r := range st.routed {
-		if r.key == rf.key {
-			return false
-		}
-	}
-	if st.routed == nil {
-		st.routed = st.routedInline[:0]
-	}
-	st.routed = append(st.routed, rf)
-	return true
 }
 
 // placeholder provides {feature_flags.*}.
@@ -154,7 +218,7 @@ func (st *requestState) placeholder(key string) (any, bool) {
 // countEvaluations updates the evaluation and inconclusive counters and the
 // flags' last-evaluated times.
 func (st *requestState) countEvaluations() {
-	now := time.Now().Unix()
+	now := st.handler.app.clock.Now().Unix()
 	for _, c := range st.bound.lastSeen {
 		touch(c, now)
 	}
@@ -167,15 +231,71 @@ func (st *requestState) countEvaluations() {
 	}
 }
 
-// finish records the outcome of the request for the flags that routed it and
-// feeds the ramps of the flags being rolled out.
-func (st *requestState) finish(err error, elapsed time.Duration, repl *caddy.Replacer) {
+// observe is the request's one exit: it records the outcome of the request
+// for the flags that routed it (metrics, admin statistics), feeds the ramps of
+// the flags being rolled out, and reports the exposures, each on the value the
+// request was actually served: a request that fell back to the default
+// upstream was served false, whatever its flag said.
+func (st *requestState) observe(err error, elapsed time.Duration, repl *caddy.Replacer) {
 	st.mu.Lock()
 	routed := st.routed
 	st.mu.Unlock()
-	if len(routed) == 0 && len(st.bound.rollouts) == 0 {
+	events := st.handler.app.events != nil
+	if len(routed) == 0 && len(st.bound.rollouts) == 0 && !events {
 		return
 	}
+	out := proxy.Outcome{Status: st.status(err), Duration: elapsed}
+	failed := out.Failed()
+	engine := st.handler.app.engine
+	for _, br := range st.bound.rollouts {
+		value := st.results.Value(br.index)
+		if r := findRouted(routed, br.run.Flag()); r != nil {
+			value = r.served()
+		}
+		br.run.Observe(value, failed, elapsed)
+	}
+	if len(routed) > 0 {
+		upstream, _ := repl.GetString("http.reverse_proxy.upstream.hostport")
+		class := codeClassIndex(out.Status)
+		for i := range routed {
+			r := &routed[i]
+			var m *valueMetrics
+			if r.index >= 0 {
+				vi := 0 // "false"
+				if !r.servedFalse() {
+					vi = st.results.ValueIndex(r.index)
+				}
+				m = &st.bound.metrics[r.index][vi]
+			} else {
+				m = newValueMetrics(r.key, r.served())
+				if run := engine.rollouts.InForce().Run(r.key); run != nil {
+					run.Observe(r.served(), failed, elapsed)
+				}
+			}
+			if r.servedFalse() {
+				fallbacksTotal.WithLabelValues(r.key, r.value).Inc()
+			}
+			m.record(engine, upstream, class, out)
+		}
+	}
+	if events {
+		st.exposeServed(routed)
+	}
+}
+
+func findRouted(routed []routedFlag, key string) *routedFlag {
+	for i := range routed {
+		if routed[i].key == key {
+			return &routed[i]
+		}
+	}
+	return nil
+}
+
+// status is the final status of the request: what the rest of the chain
+// wrote, or the status of the error it returned (reverse_proxy reports
+// upstream failures as errors: 502, 503, 504).
+func (st *requestState) status(err error) int {
 	status := st.recorder.status
 	if err != nil {
 		var he caddyhttp.HandlerError
@@ -188,28 +308,7 @@ func (st *requestState) finish(err error, elapsed time.Duration, repl *caddy.Rep
 	} else if status == 0 {
 		status = http.StatusOK
 	}
-	out := proxy.Outcome{Status: status, Duration: elapsed}
-	for _, br := range st.bound.rollouts {
-		// Inconclusive answers are "false" and were served the old side, so
-		// they are control traffic like any other "false".
-		br.run.observe(st.results.Value(br.index), out.Failed(), elapsed)
-	}
-	if len(routed) == 0 {
-		return
-	}
-	upstream, _ := repl.GetString("http.reverse_proxy.upstream.hostport")
-	class := codeClassIndex(status)
-	engine := st.handler.app.engine
-	for _, r := range routed {
-		m := r.metrics
-		if m == nil {
-			m = newValueMetrics(r.key, r.value)
-			if run := engine.rolloutRun(r.key); run != nil {
-				run.observe(r.value, out.Failed(), elapsed)
-			}
-		}
-		m.record(engine, upstream, class, out)
-	}
+	return status
 }
 
 // statusRecorder notes the status the rest of the chain wrote.

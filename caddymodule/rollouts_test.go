@@ -1,94 +1,22 @@
 package caddymodule
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
-	"github.com/caddyserver/caddy/v2/caddytest"
-	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
 	"github.com/flagsplit/flagsplit/eval"
 	"github.com/flagsplit/flagsplit/rollout"
 )
-
-func init() {
-	caddy.RegisterModule(eventRecorder{})
-}
-
-// recordedEvents collects the Caddy events the eventRecorder handler receives.
-var recordedEvents struct {
-	sync.Mutex
-	list []caddy.Event
-}
-
-// eventRecorder is an events handler that keeps every event it is given, so
-// tests can see what flagsplit emits through Caddy's events app.
-type eventRecorder struct{}
-
-func (eventRecorder) CaddyModule() caddy.ModuleInfo {
-	return caddy.ModuleInfo{ID: "events.handlers.flagsplit_test_recorder", New: func() caddy.Module { return new(eventRecorder) }}
-}
-
-func (eventRecorder) Handle(_ context.Context, e caddy.Event) error {
-	recordedEvents.Lock()
-	recordedEvents.list = append(recordedEvents.list, e)
-	recordedEvents.Unlock()
-	return nil
-}
-
-func resetEvents() {
-	recordedEvents.Lock()
-	recordedEvents.list = nil
-	recordedEvents.Unlock()
-}
-
-func eventsNamed(name string) []caddy.Event {
-	recordedEvents.Lock()
-	defer recordedEvents.Unlock()
-	var out []caddy.Event
-	for _, e := range recordedEvents.list {
-		if e.Name() == name {
-			out = append(out, e)
-		}
-	}
-	return out
-}
-
-// switchableUpstream answers like upstream, or with failStatus while it is set.
-type switchableUpstream struct {
-	*upstream
-	failStatus atomic.Int64
-}
-
-func newSwitchableUpstream(t *testing.T, name string) *switchableUpstream {
-	su := &switchableUpstream{upstream: &upstream{name: name}}
-	su.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		su.hits.Add(1)
-		if code := su.failStatus.Load(); code != 0 {
-			w.Header().Set("X-Upstream", name)
-			w.WriteHeader(int(code))
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(echo{Upstream: name, Headers: r.Header})
-	}))
-	t.Cleanup(su.srv.Close)
-	return su
-}
 
 // rolloutSite is a Caddyfile routing by checkout from a definitions file, with
 // the rollout block given.
@@ -108,26 +36,7 @@ func rolloutSite(globalOpts, defsFile, rolloutBlock string, old, nu *upstream, e
 }`, globalOpts, defsFile, extra, rolloutBlock, checkoutProxy(old, nu))
 }
 
-// withEventRecorder adapts a Caddyfile and subscribes the event recorder to
-// every event.
-func withEventRecorder(t *testing.T, caddyfile string) string {
-	t.Helper()
-	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var cfg map[string]any
-	if err := json.Unmarshal(adapted, &cfg); err != nil {
-		t.Fatal(err)
-	}
-	cfg["apps"].(map[string]any)["events"] = map[string]any{
-		"subscriptions": []any{map[string]any{"handlers": []any{map[string]any{"handler": "flagsplit_test_recorder"}}}},
-	}
-	out, _ := json.Marshal(cfg)
-	return string(out)
-}
-
-func rolloutStatusOf(t *testing.T, admin, flag string) rolloutStatus {
+func rolloutOf(t *testing.T, admin, flag string) rolloutStatus {
 	t.Helper()
 	code, body := adminDo(t, http.MethodGet, admin+"/feature_flags/rollouts/"+flag, "")
 	var st rolloutStatus
@@ -155,7 +64,7 @@ func expectCap(t *testing.T, addr string, pct float64, n int) {
 }
 
 func TestRolloutRollsBackWhenTheNewSideFails(t *testing.T) {
-	storage := inProcessDir(t)
+	storage := t.TempDir()
 	defsFile := filepath.Join(storage, "flags.json")
 	writeFileAtomically(t, defsFile, checkoutDefs(100))
 	old, nu := newUpstream(t, "old"), newSwitchableUpstream(t, "new")
@@ -165,14 +74,13 @@ func TestRolloutRollsBackWhenTheNewSideFails(t *testing.T) {
 			min_requests 10
 			guardrail error_rate 2x
 		}`
-	resetEvents()
-	tester := caddytest.NewTester(t)
-	tester.InitServer(withEventRecorder(t, rolloutSite(globalsWithStorage(storage), defsFile, block, old, nu.upstream, "")), "json")
-	const api = "http://localhost:2999/feature_flags"
+	cfg, events := withEventRecorder(t, rolloutSite(globals(storage), defsFile, block, old, nu.upstream, ""))
+	loadJSON(t, cfg)
+	api := adminURL + "/feature_flags"
 
 	// The first step caps the flag at 50 % with PostHog's hash.
-	expectCap(t, "127.0.0.1:9080", 50, 100)
-	if st := rolloutStatusOf(t, "http://localhost:2999", "checkout"); st.State != rollout.Running || st.Percentage != 50 {
+	expectCap(t, siteA, 50, 100)
+	if st := rolloutOf(t, adminURL, "checkout"); st.State != rollout.Running || st.Percentage != 50 {
 		t.Fatalf("at start: %+v", st)
 	}
 	if got := metricSum(t, "caddy_feature_flags_rollout_percentage", map[string]string{"flag": "checkout"}); got != 50 {
@@ -181,38 +89,44 @@ func TestRolloutRollsBackWhenTheNewSideFails(t *testing.T) {
 
 	// The new side starts failing: the guardrail sees its users' 5xx against
 	// control's clean answers and rolls the flag back.
+	rollbacks := func() float64 {
+		return metricSum(t, "caddy_feature_flags_rollbacks_total", map[string]string{"flag": "checkout", "guardrail": "error_rate 2x"})
+	}
+	rollbacksBefore := rollbacks()
 	nu.failStatus.Store(http.StatusBadGateway)
 	failures := 0
-	waitUntil(t, 20*time.Second, "the guardrail to roll back", func() bool {
+	eventually(t, 20*time.Second, "the guardrail to roll back", func() bool {
 		for i := 0; i < 20; i++ {
-			resp, _ := get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("load-%d-%d", failures, i)})
+			resp, _ := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("load-%d-%d", failures, i)})
 			if resp.StatusCode >= 500 {
 				failures++
 			}
 		}
-		return rolloutStatusOf(t, "http://localhost:2999", "checkout").State == rollout.RolledBack
+		// The event comes once the rollback is complete: enforced, its
+		// kill override and record stored.
+		return len(events.named("rollout_rolled_back")) > 0
 	})
 	if failures == 0 {
 		t.Fatal("no request reached the failing side before the rollback")
 	}
 	// Everyone is on the old side now, at once and with no failed request.
-	if got := routesTo(t, "127.0.0.1:9080", 100); got != "old" {
+	if got := routesTo(t, siteA, 100); got != "old" {
 		t.Fatalf("after the rollback: %s", got)
 	}
-	st := rolloutStatusOf(t, "http://localhost:2999", "checkout")
-	if st.Percentage != 0 || !strings.Contains(st.Reason, "error_rate 2x") || !st.KillOverride || st.Stored == nil {
+	st := rolloutOf(t, adminURL, "checkout")
+	if st.Percentage != 0 || !strings.Contains(st.Reason, "error_rate 2x") || !st.KillOverride || st.StoredAt == nil {
 		t.Errorf("rolled-back status: %+v", st)
 	}
 	if code, body := adminDo(t, http.MethodGet, api+"/overrides/checkout", ""); code != 200 || !strings.Contains(body, `"killed": true`) {
 		t.Errorf("kill override after the rollback: %d %s", code, body)
 	}
-	if got := metricSum(t, "caddy_feature_flags_rollbacks_total", map[string]string{"flag": "checkout", "guardrail": "error_rate 2x"}); got != 1 {
-		t.Errorf("rollbacks_total = %v, want 1", got)
+	if got := rollbacks() - rollbacksBefore; got != 1 {
+		t.Errorf("rollbacks_total rose by %v, want 1", got)
 	}
 	if got := metricSum(t, "caddy_feature_flags_rollout_percentage", map[string]string{"flag": "checkout"}); got != 0 {
 		t.Errorf("rollout_percentage gauge after the rollback = %v", got)
 	}
-	rolledBack := eventsNamed("rollout_rolled_back")
+	rolledBack := events.named("rollout_rolled_back")
 	if len(rolledBack) != 1 || rolledBack[0].Data["flag"] != "checkout" || rolledBack[0].Data["guardrail"] != "error_rate 2x" {
 		t.Errorf("rollout_rolled_back events: %+v", rolledBack)
 	}
@@ -254,20 +168,20 @@ func TestRolloutRollsBackWhenTheNewSideFails(t *testing.T) {
 			if code, _ := adminDo(t, http.MethodGet, api+"/overrides/checkout", ""); code != 404 {
 				t.Errorf("the rollback's kill override is still set after resume")
 			}
-			expectCap(t, "127.0.0.1:9080", 50, 100)
+			expectCap(t, siteA, 50, 100)
 		}
 		if c.pct == 100 {
-			if got := routesTo(t, "127.0.0.1:9080", 30); got != "new" {
+			if got := routesTo(t, siteA, 30); got != "new" {
 				t.Errorf("promoted to 100 %%: %s", got)
 			}
 		}
 	}
-	if got := routesTo(t, "127.0.0.1:9080", 30); got != "old" {
+	if got := routesTo(t, siteA, 30); got != "old" {
 		t.Errorf("after abort: %s", got)
 	}
-	if len(eventsNamed("rollout_paused")) != 1 || len(eventsNamed("rollout_aborted")) != 1 || len(eventsNamed("rollout_restarted")) != 1 {
+	if len(events.named("rollout_paused")) != 1 || len(events.named("rollout_aborted")) != 1 || len(events.named("rollout_restarted")) != 1 {
 		t.Errorf("operator events missing: %d paused, %d aborted, %d restarted",
-			len(eventsNamed("rollout_paused")), len(eventsNamed("rollout_aborted")), len(eventsNamed("rollout_restarted")))
+			len(events.named("rollout_paused")), len(events.named("rollout_aborted")), len(events.named("rollout_restarted")))
 	}
 	code, body := adminDo(t, http.MethodPost, api+"/rollouts/hero/pause", "")
 	if code != 404 || !strings.Contains(body, "no rollout") {
@@ -277,7 +191,7 @@ func TestRolloutRollsBackWhenTheNewSideFails(t *testing.T) {
 	if code != 200 || !strings.Contains(body, `"flag": "checkout"`) || !strings.Contains(body, `"state": "aborted"`) {
 		t.Errorf("rollouts list: %d %s", code, body)
 	}
-	if st := adminStatusOf(t, "http://localhost:2999"); len(st.Flags) == 0 {
+	if st := adminStatusOf(t, adminURL); len(st.Flags) == 0 {
 		t.Error("no flags in status")
 	} else {
 		for _, f := range st.Flags {
@@ -289,7 +203,7 @@ func TestRolloutRollsBackWhenTheNewSideFails(t *testing.T) {
 }
 
 func TestRolloutPromotesStepByStep(t *testing.T) {
-	storage := inProcessDir(t)
+	storage := t.TempDir()
 	defsFile := filepath.Join(storage, "flags.json")
 	writeFileAtomically(t, defsFile, checkoutDefs(100))
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
@@ -300,46 +214,46 @@ func TestRolloutPromotesStepByStep(t *testing.T) {
 			guardrail error_rate 2x
 			guardrail latency p99 +1s
 		}`
-	resetEvents()
-	tester := caddytest.NewTester(t)
-	tester.InitServer(withEventRecorder(t, rolloutSite(globalsWithStorage(storage), defsFile, block, old, nu, "")), "json")
+	cfg, events := withEventRecorder(t, rolloutSite(globals(storage), defsFile, block, old, nu, ""))
+	loadJSON(t, cfg)
 
-	expectCap(t, "127.0.0.1:9080", 10, 60)
+	expectCap(t, siteA, 10, 60)
 	// Healthy traffic on both sides: each step passes once it has lasted
 	// 300ms and carried 5 requests on the new side.
 	seen := map[float64]bool{}
 	i := 0
-	waitUntil(t, 20*time.Second, "the rollout to complete", func() bool {
+	eventually(t, 20*time.Second, "the rollout to complete", func() bool {
 		for j := 0; j < 10; j++ {
-			get(t, "http://127.0.0.1:9080/", map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("u-%d", i)})
+			get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("u-%d", i)})
 			i++
 		}
-		st := rolloutStatusOf(t, "http://localhost:2999", "checkout")
+		st := rolloutOf(t, adminURL, "checkout")
 		seen[st.Percentage] = true
 		return st.State == rollout.Completed
 	})
 	if !seen[40] {
 		t.Errorf("never saw the 40 %% step: %v", seen)
 	}
-	if got := routesTo(t, "127.0.0.1:9080", 50); got != "new" {
+	if got := routesTo(t, siteA, 50); got != "new" {
 		t.Fatalf("after completion: %s", got)
 	}
-	promoted := eventsNamed("rollout_promoted")
+	promoted := events.named("rollout_promoted")
 	if len(promoted) != 2 || promoted[0].Data["from"] != 10.0 || promoted[0].Data["to"] != 40.0 ||
 		promoted[1].Data["from"] != 40.0 || promoted[1].Data["to"] != 100.0 {
 		t.Errorf("promotion events: %+v", promoted)
 	}
-	if len(eventsNamed("rollout_completed")) != 1 {
-		t.Errorf("completion events: %+v", eventsNamed("rollout_completed"))
+	if len(events.named("rollout_completed")) != 1 {
+		t.Errorf("completion events: %+v", events.named("rollout_completed"))
 	}
-	st := rolloutStatusOf(t, "http://localhost:2999", "checkout")
+	st := rolloutOf(t, adminURL, "checkout")
 	if st.Total.Treatment.Requests == 0 || st.Total.Control.Requests == 0 || st.Total.Treatment.Errors != 0 {
 		t.Errorf("counts: %+v", st.Total)
 	}
 
 	// A reload that keeps the rollout keeps its progress.
-	tester.InitServer(withEventRecorder(t, rolloutSite(globalsWithStorage(storage), defsFile, block, old, nu, "stale_after 48h")), "json")
-	if st := rolloutStatusOf(t, "http://localhost:2999", "checkout"); st.State != rollout.Completed {
+	cfg, _ = withEventRecorder(t, rolloutSite(globals(storage), defsFile, block, old, nu, "stale_after 48h"))
+	loadJSON(t, cfg)
+	if st := rolloutOf(t, adminURL, "checkout"); st.State != rollout.Completed {
 		t.Errorf("after a reload: %+v", st)
 	}
 }
@@ -349,10 +263,8 @@ func TestRolloutProgressSurvivesRestartAndIsShared(t *testing.T) {
 	defsFile := filepath.Join(storage, "flags.json")
 	writeFileAtomically(t, defsFile, checkoutDefs(100))
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
-	adminPort, httpPort := freePort(t), freePort(t)
-	configFor := func(adminPort, httpPort int) string {
-		return fmt.Sprintf(`{
-	admin localhost:%d
+	config := fmt.Sprintf(`{
+	%s
 	storage file_system %s
 	skip_install_trust
 	auto_https off
@@ -367,67 +279,59 @@ func TestRolloutProgressSurvivesRestartAndIsShared(t *testing.T) {
 		}
 	}
 }
-:%d {
+%s
 	feature_flags
 	%s
-}`, adminPort, storage, defsFile, httpPort, checkoutProxy(old, nu))
-	}
-	config := configFor(adminPort, httpPort)
-	admin := fmt.Sprintf("http://localhost:%d", adminPort)
-	addr := fmt.Sprintf("127.0.0.1:%d", httpPort)
-
-	first := startCaddy(t, adminPort, config)
+}`, childAdmin, storage, defsFile, childSite, checkoutProxy(old, nu))
+	portsA, portsB := reservePorts(t), reservePorts(t)
+	first := startCaddy(t, portsA, config)
 	// A second instance sharing the storage follows what operators do on
 	// the first.
-	adminB, httpB := freePort(t), freePort(t)
-	second := startCaddy(t, adminB, configFor(adminB, httpB))
+	second := startCaddy(t, portsB, config)
 	for _, action := range []string{"promote", "promote", "pause"} {
-		if code, body := adminDo(t, http.MethodPost, admin+"/feature_flags/rollouts/checkout/"+action, ""); code != 200 {
+		if code, body := adminDo(t, http.MethodPost, portsA.adminURL+"/feature_flags/rollouts/checkout/"+action, ""); code != 200 {
 			t.Fatalf("%s: %d %s", action, code, body)
 		}
 	}
-	expectCap(t, addr, 50, 60)
-	waitUntil(t, 5*time.Second, "the second instance to adopt the progress", func() bool {
-		st := rolloutStatusOf(t, fmt.Sprintf("http://localhost:%d", adminB), "checkout")
+	expectCap(t, portsA.siteAddr, 50, 60)
+	eventually(t, 5*time.Second, "the second instance to adopt the progress", func() bool {
+		st := rolloutOf(t, portsB.adminURL, "checkout")
 		return st.State == rollout.Paused && st.Percentage == 50
 	})
-	addrB := fmt.Sprintf("127.0.0.1:%d", httpB)
-	expectCap(t, addrB, 50, 60)
+	expectCap(t, portsB.siteAddr, 50, 60)
 
 	// An abort on the second instance ends the rollout on both; a restart
 	// on the first begins a new attempt, which the second follows from its
 	// ended state.
-	if code, body := adminDo(t, http.MethodPost, fmt.Sprintf("http://localhost:%d/feature_flags/rollouts/checkout/abort", adminB), ""); code != 200 {
+	if code, body := adminDo(t, http.MethodPost, portsB.adminURL+"/feature_flags/rollouts/checkout/abort", ""); code != 200 {
 		t.Fatalf("abort on the second instance: %d %s", code, body)
 	}
-	waitUntil(t, 5*time.Second, "the first instance to adopt the abort", func() bool {
-		return rolloutStatusOf(t, admin, "checkout").State == rollout.Aborted
+	eventually(t, 5*time.Second, "the first instance to adopt the abort", func() bool {
+		return rolloutOf(t, portsA.adminURL, "checkout").State == rollout.Aborted
 	})
-	if got := routesTo(t, addr, 30); got != "old" {
+	if got := routesTo(t, portsA.siteAddr, 30); got != "old" {
 		t.Fatalf("first instance after the abort: %s", got)
 	}
 	for _, action := range []string{"resume", "promote"} {
-		if code, body := adminDo(t, http.MethodPost, admin+"/feature_flags/rollouts/checkout/"+action, ""); code != 200 {
+		if code, body := adminDo(t, http.MethodPost, portsA.adminURL+"/feature_flags/rollouts/checkout/"+action, ""); code != 200 {
 			t.Fatalf("%s on the first instance: %d %s", action, code, body)
 		}
 	}
-	waitUntil(t, 5*time.Second, "the second instance to follow the new attempt", func() bool {
-		st := rolloutStatusOf(t, fmt.Sprintf("http://localhost:%d", adminB), "checkout")
+	eventually(t, 5*time.Second, "the second instance to follow the new attempt", func() bool {
+		st := rolloutOf(t, portsB.adminURL, "checkout")
 		return st.State == rollout.Running && st.Percentage == 25
 	})
-	expectCap(t, addrB, 25, 60)
+	expectCap(t, portsB.siteAddr, 25, 60)
 	second.stop()
 	first.stop()
 
-	startCaddy(t, adminPort, config)
-	st := rolloutStatusOf(t, admin, "checkout")
-	if st.State != rollout.Running || st.Step != 1 || st.Percentage != 25 {
+	restartCaddy(t, portsA, first.config)
+	st := rolloutOf(t, portsA.adminURL, "checkout")
+	if st.State != rollout.Running || st.Step != 1 || st.Percentage != 25 || st.Attempt != 1 {
 		t.Fatalf("after a restart: %+v", st)
 	}
-	expectCap(t, addr, 25, 60)
+	expectCap(t, portsA.siteAddr, 25, 60)
 }
-
-var _ caddyevents.Handler = eventRecorder{}
 
 // Every response of a ramped flag is observed on the side it was served:
 // "false" (inconclusive answers included: they are served false, to the old
@@ -476,7 +380,7 @@ func TestRolloutObservesEveryResponseOnItsSide(t *testing.T) {
 			}
 		} else {
 			want.checkoutOld++
-			if i%2 == 1 && app.engine.store.Load().Evaluate("checkout", &eval.Subject{DistinctID: id}).Inconclusive() {
+			if i%2 == 1 && app.engine.definitions().Evaluate("checkout", &eval.Subject{DistinctID: id}).Inconclusive() {
 				inconclusive++
 			}
 		}
@@ -486,7 +390,7 @@ func TestRolloutObservesEveryResponseOnItsSide(t *testing.T) {
 			want.heroTest++
 		}
 	}
-	checkout := app.engine.rolloutRun("checkout").ramp.Load().Status().Total
+	checkout := app.engine.rollouts.InForce().Run("checkout").Ramp().Status().Total
 	if checkout.Treatment.Requests != want.checkoutNew || checkout.Control.Requests != want.checkoutOld ||
 		checkout.Treatment.Errors != want.checkoutNewErrors {
 		t.Errorf("checkout observed %+v, want new %d (errors %d), old %d", checkout, want.checkoutNew, want.checkoutNewErrors, want.checkoutOld)
@@ -497,19 +401,19 @@ func TestRolloutObservesEveryResponseOnItsSide(t *testing.T) {
 	if inconclusive == 0 {
 		t.Error("no inconclusive answer was exercised")
 	}
-	hero := app.engine.rolloutRun("hero").ramp.Load().Status().Total
+	hero := app.engine.rollouts.InForce().Run("hero").Ramp().Status().Total
 	if hero.Control.Requests != want.heroControl || hero.Treatment.Requests != want.heroTest {
 		t.Errorf("hero observed %+v, want control %d, test %d", hero, want.heroControl, want.heroTest)
 	}
 }
 
-func variantOf(t *testing.T, app *App, flag, id string) string {
+func variantOf(t *testing.T, app *testApp, flag, id string) string {
 	t.Helper()
-	return app.engine.store.Load().Evaluate(flag, &eval.Subject{DistinctID: id}).Value()
+	return app.engine.definitions().Evaluate(flag, &eval.Subject{DistinctID: id}).Value()
 }
 
 func TestRolloutWithUnreadableStoredProgress(t *testing.T) {
-	storage := inProcessDir(t)
+	storage := t.TempDir()
 	defsFile := filepath.Join(storage, "flags.json")
 	writeFileAtomically(t, defsFile, checkoutDefs(100))
 	stored := filepath.Join(storage, "feature_flags", "local", "rollouts.json")
@@ -523,49 +427,47 @@ func TestRolloutWithUnreadableStoredProgress(t *testing.T) {
 	block := `rollout checkout {
 			steps 20 60
 		}`
-	tester := caddytest.NewTester(t)
-	tester.InitServer(rolloutSite(globalsWithStorage(storage), defsFile, block, old, nu, ""), "caddyfile")
+	load(t, rolloutSite(globals(storage), defsFile, block, old, nu, ""))
 
 	// The broken record is ignored: the rollout starts at its first step.
-	if st := rolloutStatusOf(t, "http://localhost:2999", "checkout"); st.State != rollout.Running || st.Percentage != 20 {
+	if st := rolloutOf(t, adminURL, "checkout"); st.State != rollout.Running || st.Percentage != 20 {
 		t.Fatalf("with unreadable stored progress: %+v", st)
 	}
-	expectCap(t, "127.0.0.1:9080", 20, 50)
+	expectCap(t, siteA, 20, 50)
 	// The next change replaces it with a readable record.
-	if code, body := adminDo(t, http.MethodPost, "http://localhost:2999/feature_flags/rollouts/checkout/promote", ""); code != 200 {
+	if code, body := adminDo(t, http.MethodPost, adminURL+"/feature_flags/rollouts/checkout/promote", ""); code != 200 {
 		t.Fatalf("promote: %d %s", code, body)
 	}
-	var doc storedRollouts
+	var doc rollout.Records
 	data, err := os.ReadFile(stored)
 	if err != nil || json.Unmarshal(data, &doc) != nil || doc.Rollouts["checkout"].Progress.Step != 1 {
 		t.Fatalf("stored progress after promote: %s %v", data, err)
 	}
-	expectCap(t, "127.0.0.1:9080", 60, 50)
+	expectCap(t, siteA, 60, 50)
 }
 
 // A reload that fails leaves the running config's rollouts in force, whichever
 // order Caddy started the new config's apps in before the failure.
 func TestRolloutsOfAFailedReloadAreNotKept(t *testing.T) {
-	storage := inProcessDir(t)
+	storage := t.TempDir()
 	defsFile := filepath.Join(storage, "flags.json")
 	writeFileAtomically(t, defsFile, checkoutDefs(100))
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
-	tester := caddytest.NewTester(t)
-	tester.InitServer(rolloutSite(globalsWithStorage(storage), defsFile, "rollout checkout {\n\t\t\tsteps 50 100\n\t\t}", old, nu, ""), "caddyfile")
+	load(t, rolloutSite(globals(storage), defsFile, "rollout checkout {\n\t\t\tsteps 50 100\n\t\t}", old, nu, ""))
 
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer busy.Close()
-	broken := rolloutSite(globalsWithStorage(storage), defsFile, "rollout checkout {\n\t\t\tsteps 10 100\n\t\t}", old, nu, "") +
+	broken := rolloutSite(globals(storage), defsFile, "rollout checkout {\n\t\t\tsteps 10 100\n\t\t}", old, nu, "") +
 		"\nhttp://" + busy.Addr().String() + " {\n\trespond ok\n}\n"
 	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(broken), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for attempt := 0; attempt < 5; attempt++ {
-		resp, err := http.Post("http://localhost:2999/load", "application/json", strings.NewReader(string(adapted)))
+		resp, err := adminClient.Post(adminURL+"/load", "application/json", strings.NewReader(string(adapted)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -573,9 +475,9 @@ func TestRolloutsOfAFailedReloadAreNotKept(t *testing.T) {
 		if resp.StatusCode == http.StatusOK {
 			t.Fatal("a config listening on a busy port loaded")
 		}
-		if st := rolloutStatusOf(t, "http://localhost:2999", "checkout"); st.Percentage != 50 {
+		if st := rolloutOf(t, adminURL, "checkout"); st.Percentage != 50 {
 			t.Fatalf("after a failed reload the rollout is at %v %%, want the running config's 50 %%", st.Percentage)
 		}
-		expectCap(t, "127.0.0.1:9080", 50, 40)
+		expectCap(t, siteA, 50, 40)
 	}
 }

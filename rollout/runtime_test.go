@@ -78,7 +78,12 @@ func newInstance(t *testing.T, st storedoc.Storage, clock *fakeClock, cfg Config
 			in.mu.Unlock()
 			return nil
 		},
-		Lift:    func(_ context.Context, flag string) error { in.mu.Lock(); in.lifts = append(in.lifts, flag); in.mu.Unlock(); return nil },
+		Lift: func(_ context.Context, flag string) error {
+			in.mu.Lock()
+			in.lifts = append(in.lifts, flag)
+			in.mu.Unlock()
+			return nil
+		},
 		Problem: func(msg, flag string, err error) {
 			in.mu.Lock()
 			in.errs = append(in.errs, msg+": "+err.Error())

@@ -1,0 +1,62 @@
+package caddymodule
+
+import (
+	"fmt"
+
+	"github.com/caddyserver/certmagic"
+
+	"github.com/flagsplit/flagsplit/rollout"
+	"github.com/flagsplit/flagsplit/storedoc"
+)
+
+// What the app keeps in Caddy's storage, under feature_flags/<namespace>/,
+// where the namespace is the PostHog project key, or "local" without one.
+// The shared documents (overrides, rollout progress, flag activity) follow one
+// protocol (package storedoc): a revision in every document, writes by
+// read-modify-write under the storage lock named after the document's key,
+// and a version put in force only when it is newer than the one in force.
+// The last-known-good definitions are written by one kind of writer only (an
+// answer from PostHog) and read at start, so they need neither.
+const (
+	definitionsKey = "definitions.json"
+	overridesKey   = "overrides.json"
+	rolloutsKey    = "rollouts.json"
+	activityKey    = "activity.json"
+)
+
+// documents are the shared documents of one app, over its storage.
+type documents struct {
+	overrides *storedoc.Doc[overrideSet]
+	rollouts  *storedoc.Doc[rollout.Records]
+	activity  *storedoc.Doc[storedActivity]
+}
+
+func (a *App) newDocuments(st storedoc.Storage) documents {
+	now := a.clock.Now
+	return documents{
+		overrides: storedoc.New[overrideSet](st, a.storageKey(overridesKey), "overrides", now),
+		rollouts:  storedoc.New[rollout.Records](st, a.storageKey(rolloutsKey), "rollouts", now),
+		activity:  storedoc.New[storedActivity](st, a.storageKey(activityKey), "activity", now),
+	}
+}
+
+// storageKey is the key of one of the app's documents.
+func (a *App) storageKey(name string) string {
+	ns := "local"
+	if a.PostHog != nil {
+		ns = a.PostHog.ProjectAPIKey
+	}
+	return "feature_flags/" + ns + "/" + name
+}
+
+// storageIdentity names a storage for the engine's pool key: a config that
+// moves to another storage gets state read from that storage, not the
+// overrides and progress still in force from the old one. Storages that
+// describe themselves (the file system storage says its path) are told
+// apart; others by type.
+func storageIdentity(st certmagic.Storage) string {
+	if s, ok := st.(fmt.Stringer); ok {
+		return s.String()
+	}
+	return fmt.Sprintf("%T", st)
+}
