@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 
@@ -20,13 +22,15 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "feature-flags",
-		Usage: "validate <definitions.json> | eval --definitions <file> --distinct-id <id> [--flag <key>] ...",
+		Usage: "validate <definitions.json> | validate --config <Caddyfile> | eval --definitions <file> --distinct-id <id> [--flag <key>] ...",
 		Short: "Checks flag definitions and evaluates flags locally",
 		Long: `
 Works on PostHog flag-definitions JSON (the body of /flags/definitions).
 
   validate  parses a file, lists every flag and warns about what cannot be
             evaluated locally; exits non-zero when the file is malformed.
+            With --config, checks a Caddy config's flag references and
+            routes against the definitions it loads.
   eval      prints, as JSON, what flagsplit answers for a subject.`,
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.AddCommand(validateCommand(), evalCommand())
@@ -35,15 +39,76 @@ Works on PostHog flag-definitions JSON (the body of /flags/definitions).
 }
 
 func validateCommand() *cobra.Command {
-	return &cobra.Command{
-		Use:   "validate <definitions.json>",
-		Short: "Parses flag definitions, lists the flags and what cannot be evaluated locally",
-		Args:  cobra.ExactArgs(1),
+	var config, adapter string
+	cmd := &cobra.Command{
+		Use:   "validate <definitions.json> | --config <Caddyfile|caddy.json>",
+		Short: "Checks flag definitions, or a whole Caddy config against its definitions",
+		Long: `With a definitions file: parses it, lists every flag and warns about what
+cannot be evaluated locally.
+
+With --config: adapts the config (a Caddyfile, or JSON) and checks every flag
+and value that its feature_flag matchers, lb_policy feature_flag policies,
+flags lines and rollouts name against the definitions the config loads (its
+definitions file, or PostHog's answer for its posthog block), and every
+upstream a policy routes to against the reverse_proxy's own list. Exits
+non-zero when something does not match.`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if (config == "") == (len(args) == 0) || len(args) > 1 {
+				return errors.New("give a definitions file, or --config with a Caddy config")
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cmd.SilenceUsage = true
+			if config != "" {
+				return validateConfig(cmd.OutOrStdout(), config, adapter, fetchFromPostHog)
+			}
 			return validateDefinitions(cmd.OutOrStdout(), args[0])
 		},
 	}
+	cmd.Flags().StringVar(&config, "config", "", "a Caddy config to check against its definitions")
+	cmd.Flags().StringVar(&adapter, "adapter", "", "the config's adapter (default: caddyfile, json for a .json file)")
+	return cmd
+}
+
+// errConfigMismatch makes validate --config exit non-zero after its report.
+var errConfigMismatch = errors.New("the config does not match its flag definitions")
+
+// validateConfig checks a Caddy config against its definitions source.
+func validateConfig(out io.Writer, path, adapter string, fetch func(context.Context, *PostHogConfig) ([]byte, error)) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	if adapter == "" {
+		adapter = "caddyfile"
+		if strings.HasSuffix(path, ".json") {
+			adapter = "json"
+		}
+	}
+	if adapter != "json" {
+		a := caddyconfig.GetAdapter(adapter)
+		if a == nil {
+			return fmt.Errorf("unknown config adapter %q", adapter)
+		}
+		if data, _, err = a.Adapt(data, map[string]any{"filename": path}); err != nil {
+			return fmt.Errorf("adapting %s: %w", path, err)
+		}
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		return err
+	}
+	rep, err := checkConfig(data, dir, fetch)
+	if err != nil {
+		fmt.Fprintf(out, "%s: %v\n", path, err)
+		return errConfigMismatch
+	}
+	fmt.Fprintf(out, "%s: %s", path, rep)
+	if len(rep.errors) > 0 {
+		return errConfigMismatch
+	}
+	return nil
 }
 
 // errInvalidDefinitions makes validate exit non-zero after printing its report.

@@ -4,11 +4,15 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/flagsplit/flagsplit/eval"
+	"github.com/flagsplit/flagsplit/posthog/posthogtest"
 )
 
 func TestValidateListsFlagsAndWhatIsNotLocal(t *testing.T) {
@@ -99,4 +103,104 @@ func mustParseFile(t *testing.T, path string) *eval.Definitions {
 		t.Fatal(err)
 	}
 	return defs
+}
+
+func TestValidateConfigChecksTheExampleClean(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("..", "Caddyfile.example"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt(data, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := checkConfig(cfg, "..", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.errors) != 0 || len(rep.warnings) != 0 || len(rep.refs) != 3 || rep.defs.Len() != 3 {
+		t.Errorf("the example: %d references, errors %q, warnings %q", len(rep.refs), rep.errors, rep.warnings)
+	}
+}
+
+// A config with a typo'd flag, value and upstream fails with the suggestion;
+// flags in expressions and in flags lines are checked too.
+func TestValidateConfigReportsTyposWithSuggestions(t *testing.T) {
+	dir := t.TempDir()
+	defs, err := filepath.Abs(filepath.Join("..", "flags.example.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	config := filepath.Join(dir, "Caddyfile")
+	writeFileAtomically(t, config, []byte(fmt.Sprintf(`{
+	feature_flags {
+		definitions %s
+	}
+}
+:8080 {
+	feature_flags {
+		flags new-checkout-flw homepage-hero
+	}
+	@hero feature_flag homepage-hero varaint-b
+	@cel expression feature_flag('recomendations-kill-switch', 'false')
+	header @hero X-Hero b
+	header @cel X-Off yes
+	reverse_proxy localhost:9001 localhost:9002 {
+		lb_policy feature_flag new-checkout-flow {
+			tru localhost:9002
+			default localhost:30001
+		}
+	}
+}`, defs)))
+	var out bytes.Buffer
+	err = validateConfig(&out, config, "", nil)
+	if !errors.Is(err, errConfigMismatch) {
+		t.Fatalf("validate --config on typos: %v\n%s", err, out.String())
+	}
+	for _, want := range []string{
+		`feature_flags flags (server srv0): the definitions have no flag "new-checkout-flw" (did you mean new-checkout-flow?)`,
+		`feature_flag matcher (server srv0): flag "homepage-hero" never has the value "varaint-b"`, "did you mean variant-b?",
+		`feature_flag expression (server srv0): the definitions have no flag "recomendations-kill-switch" (did you mean recommendations-kill-switch?)`,
+		`flag "new-checkout-flow" never has the value "tru" (it is true, false); did you mean true?`,
+		`default upstream localhost:30001 is not one of this reverse_proxy's upstreams (its upstreams are localhost:9001, localhost:9002)`,
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("the report lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// A config whose definitions come from PostHog is checked against PostHog's
+// answer.
+func TestValidateConfigAsksPostHog(t *testing.T) {
+	ph := posthogtest.New(testProjectKey, testPersonalKey, checkoutDefs(50))
+	t.Cleanup(ph.Close)
+	config := filepath.Join(t.TempDir(), "Caddyfile")
+	t.Setenv("FLAGSPLIT_TEST_PERSONAL_KEY", testPersonalKey)
+	writeFileAtomically(t, config, []byte(fmt.Sprintf(`{
+	feature_flags {
+		posthog {
+			host %s
+			project_api_key %s
+			personal_api_key {env.FLAGSPLIT_TEST_PERSONAL_KEY}
+		}
+	}
+}
+:8080 {
+	@hero feature_flag hero test
+	@typo feature_flag chekout
+	header @hero X-Hero test
+	header @typo X-Typo yes
+	respond "ok"
+}`, ph.URL, testProjectKey)))
+	var out bytes.Buffer
+	err := validateConfig(&out, config, "", fetchFromPostHog)
+	if !errors.Is(err, errConfigMismatch) || !strings.Contains(out.String(), "PostHog at "+ph.URL+": 3 flags") ||
+		!strings.Contains(out.String(), `the definitions have no flag "chekout" (did you mean checkout?)`) ||
+		strings.Contains(out.String(), `"hero"`) {
+		t.Errorf("validate --config against PostHog: %v\n%s", err, out.String())
+	}
+	if got := ph.Requests(); len(got) != 1 || got[0].Authorization != "Bearer "+testPersonalKey {
+		t.Errorf("requests to PostHog: %+v", got)
+	}
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/flagsplit/flagsplit/eval"
 	"github.com/flagsplit/flagsplit/posthog/posthogtest"
 	"go.uber.org/zap"
 )
@@ -345,5 +346,83 @@ func TestStaleFlags(t *testing.T) {
 	app.clock.Advance(time.Second)
 	if got := stale(); got != "used,unused" {
 		t.Errorf("stale after 4s: %q", got)
+	}
+}
+
+// Every override change and delete is logged with the flag, the old and new
+// value and who made it, and emitted as a Caddy event; so are definitions
+// refreshed and refused.
+func TestOverrideChangesAndDefinitionsAreAudited(t *testing.T) {
+	storage := t.TempDir()
+	defsFile := filepath.Join(storage, "flags.json")
+	writeFileAtomically(t, defsFile, checkoutDefs(100))
+	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
+	cfg, events := withEventRecorder(t, fmt.Sprintf(`{
+	%s
+	feature_flags {
+		definitions %s
+		watch_interval 1h
+	}
+}
+:9080 {
+	feature_flags
+	%s
+}`, globals(storage), defsFile, checkoutProxy(old, nu)))
+	loadJSON(t, cfg)
+	api := adminURL + "/feature_flags"
+
+	if code, body := adminDo(t, http.MethodPut, api+"/overrides/checkout", `{"killed": true}`); code != http.StatusOK {
+		t.Fatalf("PUT: %d %s", code, body)
+	}
+	if code, body := adminDo(t, http.MethodPut, api+"/overrides/checkout", `{"rollout_percentage": 20}`); code != http.StatusOK {
+		t.Fatalf("PUT: %d %s", code, body)
+	}
+	if code, body := adminDo(t, http.MethodDelete, api+"/overrides/checkout", ""); code != http.StatusOK {
+		t.Fatalf("DELETE: %d %s", code, body)
+	}
+	var audit []string
+	for _, line := range logOf(t, storage) {
+		if msg := line["msg"]; msg == "override set" || msg == "override deleted" {
+			by, _ := line["by"].(string)
+			if line["flag"] != "checkout" || !strings.HasPrefix(by, "admin 127.0.0.1:") || line["revision"] == nil {
+				t.Errorf("audit line %v", line)
+			}
+			audit = append(audit, fmt.Sprintf("%v old=%v new=%v", msg, line["old"], line["new"]))
+		}
+	}
+	want := []string{
+		"override set old=<nil> new=map[killed:true]",
+		"override set old=map[killed:true] new=map[rollout_percentage:20]",
+		"override deleted old=map[rollout_percentage:20] new=<nil>",
+	}
+	if strings.Join(audit, "\n") != strings.Join(want, "\n") {
+		t.Errorf("audit log:\n%s\nwant:\n%s", strings.Join(audit, "\n"), strings.Join(want, "\n"))
+	}
+	changed := events.named("override_changed")
+	if len(changed) != 3 {
+		t.Fatalf("%d override_changed events, want 3", len(changed))
+	}
+	if d := changed[0].Data; d["flag"] != "checkout" || d["new"] != (eval.Override{Killed: true}) || d["old"] != nil {
+		t.Errorf("first event %v", d)
+	}
+	if d := changed[2].Data; d["new"] != nil || d["old"] == nil || !strings.HasPrefix(fmt.Sprint(d["by"]), "admin ") {
+		t.Errorf("delete event %v", d)
+	}
+
+	// Definitions: a refresh that reads a new file, then a broken one.
+	writeFileAtomically(t, defsFile, checkoutDefs(30))
+	if code, body := adminDo(t, http.MethodPost, api+"/refresh", ""); code != http.StatusOK || !strings.Contains(body, "modified") {
+		t.Fatalf("refresh: %d %s", code, body)
+	}
+	writeFileAtomically(t, defsFile, []byte(`{"flags": [`))
+	if code, _ := adminDo(t, http.MethodPost, api+"/refresh", ""); code != http.StatusBadGateway {
+		t.Errorf("refresh of a broken file: %d", code)
+	}
+	refreshed, failed := events.named("definitions_refreshed"), events.named("definitions_failed")
+	if len(refreshed) != 1 || refreshed[0].Data["source"] != "file" || refreshed[0].Data["flags"] != 3 {
+		t.Errorf("definitions_refreshed events: %+v", refreshed)
+	}
+	if len(failed) != 1 || !strings.Contains(fmt.Sprint(failed[0].Data["error"]), "line 1, column 12") {
+		t.Errorf("definitions_failed events: %+v", failed)
 	}
 }

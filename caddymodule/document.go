@@ -63,7 +63,8 @@ func syntaxError(data []byte, err error) error {
 	var te *json.UnmarshalTypeError
 	switch {
 	case errors.As(err, &se):
-		line, col := position(data, int(se.Offset))
+		// Offset counts the bytes read, the offending one included.
+		line, col := position(data, int(se.Offset)-1)
 		return fmt.Errorf("flag definitions are not valid JSON: line %d, column %d: %s", line, col, se.Error())
 	case errors.As(err, &te):
 		line, col := position(data, int(te.Offset))

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -273,12 +274,37 @@ func newSwitchableUpstream(t *testing.T, name string) *switchableUpstream {
 
 // client talks to the test Caddy's sites without a cookie jar, so each test
 // controls exactly which cookies a request carries.
-var client = &http.Client{Timeout: 10 * time.Second}
+var client = &http.Client{Timeout: 10 * time.Second, Transport: resendUnanswered{http.DefaultTransport}}
 
 // adminClient opens a connection per request: a reload replaces Caddy's admin
 // server, and a kept-alive connection to the replaced one may be closed under
 // a request that cannot be retried (PUT, POST, DELETE).
-var adminClient = &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+var adminClient = &http.Client{Timeout: 30 * time.Second, Transport: resendUnanswered{&http.Transport{DisableKeepAlives: true}}}
+
+// resendUnanswered sends a request again when the connection closed before
+// any answer. A config load replaces Caddy's servers (the admin endpoint's
+// among them) and shuts the old ones down; Go's http.Server closes a
+// connection whose request it reads while it shuts down, before any handler
+// sees the request, so the request was not served and is sent again (up to
+// three times).
+type resendUnanswered struct{ base http.RoundTripper }
+
+func (rt resendUnanswered) RoundTrip(req *http.Request) (*http.Response, error) {
+	for attempt := 0; ; attempt++ {
+		resp, err := rt.base.RoundTrip(req)
+		if err == nil || attempt == 2 || !errors.Is(err, io.EOF) || (req.Body != nil && req.GetBody == nil) {
+			return resp, err
+		}
+		if req.GetBody != nil {
+			body, berr := req.GetBody()
+			if berr != nil {
+				return nil, err
+			}
+			req = req.Clone(req.Context())
+			req.Body = body
+		}
+	}
+}
 
 func get(t testing.TB, rawURL string, headers map[string]string, cookies ...*http.Cookie) (*http.Response, echo) {
 	t.Helper()

@@ -132,29 +132,11 @@ func (p *SelectionPolicy) checkUpstreams(ctx caddy.Context) error {
 	if !ok {
 		return nil
 	}
-	var pool []string
-	dynamic := h.DynamicUpstreamsRaw != nil
+	var dials []string
 	for _, u := range h.Upstreams {
-		if strings.Contains(u.Dial, "{") {
-			dynamic = true
-		}
-		pool = append(pool, proxy.NormalizeUpstream(u.Dial))
+		dials = append(dials, u.Dial)
 	}
-	listed := "the reverse_proxy has no static upstreams"
-	if len(pool) > 0 {
-		listed = "its upstreams are " + strings.Join(pool, ", ")
-	}
-	var problems []string
-	if !slices.Contains(pool, p.router.Default()) {
-		problems = append(problems, fmt.Sprintf("default upstream %s is not one of this reverse_proxy's upstreams (%s): every request would get 503",
-			p.router.Default(), listed))
-	}
-	for _, value := range slices.Sorted(maps.Keys(p.Routes)) {
-		if up := p.router.Route(value); !slices.Contains(pool, up) {
-			problems = append(problems, fmt.Sprintf("value %q routes to %s, which is not one of this reverse_proxy's upstreams (%s): those requests would always go to the default",
-				value, up, listed))
-		}
-	}
+	problems, dynamic := upstreamProblems(p.router, p.Routes, dials, h.DynamicUpstreamsRaw != nil)
 	if len(problems) == 0 {
 		return nil
 	}
@@ -194,6 +176,35 @@ func (p *SelectionPolicy) Select(pool reverseproxy.UpstreamPool, r *http.Request
 		return nil
 	}
 	return pool[i]
+}
+
+// upstreamProblems compares a policy's routes with the reverse_proxy's static
+// upstream dials. dynamic is returned true when the list cannot be known
+// before a request (a dynamic upstream source, or placeholders in a dial).
+func upstreamProblems(router *proxy.Router, routes map[string]string, dials []string, dynamicSource bool) (problems []string, dynamic bool) {
+	dynamic = dynamicSource
+	var pool []string
+	for _, d := range dials {
+		if strings.Contains(d, "{") {
+			dynamic = true
+		}
+		pool = append(pool, proxy.NormalizeUpstream(d))
+	}
+	listed := "the reverse_proxy has no static upstreams"
+	if len(pool) > 0 {
+		listed = "its upstreams are " + strings.Join(pool, ", ")
+	}
+	if !slices.Contains(pool, router.Default()) {
+		problems = append(problems, fmt.Sprintf("default upstream %s is not one of this reverse_proxy's upstreams (%s): every request would get 503",
+			router.Default(), listed))
+	}
+	for _, value := range slices.Sorted(maps.Keys(routes)) {
+		if up := router.Route(value); !slices.Contains(pool, up) {
+			problems = append(problems, fmt.Sprintf("value %q routes to %s, which is not one of this reverse_proxy's upstreams (%s): those requests would always go to the default",
+				value, up, listed))
+		}
+	}
+	return problems, dynamic
 }
 
 // Interface guards.

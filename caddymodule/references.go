@@ -61,11 +61,15 @@ func checkReference(defs *eval.Definitions, ref flagReference) []referenceProble
 }
 
 // closest returns the candidate nearest to s by edit distance, when it is near
-// enough to be a plausible typo of it.
+// enough to be a plausible typo of it (a few edits, or a key cut short or
+// run on: "new-checkout" for "new-checkout-flow").
 func closest(s string, candidates []string) string {
 	best, bestDist := "", 0
 	for _, c := range candidates {
 		d := editDistance(s, c)
+		if min(len(s), len(c)) >= 4 && (strings.HasPrefix(c, s) || strings.HasPrefix(s, c)) {
+			d = min(d, 2)
+		}
 		if best == "" || d < bestDist {
 			best, bestDist = c, d
 		}

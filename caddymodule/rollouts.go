@@ -132,13 +132,6 @@ func (a *App) startRollouts(ctx context.Context) {
 	e := a.engine
 	previous := e.rollouts.Start(ctx, a.rollouts, a.docs.rollouts, a.rolloutHooks())
 	e.apply()
-	defs := e.definitions()
-	for _, run := range a.rollouts.Runs() {
-		if _, ok := defs.Flag(run.Flag()); !ok && defs.Len() > 0 {
-			a.logger.Warn("rollout configured for a flag the definitions lack; it takes effect when the flag appears",
-				zap.String("flag", run.Flag()))
-		}
-	}
 	a.publishRolloutGauges(previous)
 	if a.rollouts.Len() > 0 {
 		a.goEvery(ctx, rolloutTickInterval, func(ctx context.Context) { e.rollouts.Tick(ctx, a.rolloutHooks()) })
