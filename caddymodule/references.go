@@ -67,7 +67,7 @@ func closest(s string, candidates []string) string {
 	best, bestDist := "", 0
 	for _, c := range candidates {
 		d := editDistance(s, c)
-		if min(len(s), len(c)) >= 4 && (strings.HasPrefix(c, s) || strings.HasPrefix(s, c)) {
+		if min(len(s), len(c)) >= 6 && (strings.HasPrefix(c, s) || strings.HasPrefix(s, c)) {
 			d = min(d, 2)
 		}
 		if best == "" || d < bestDist {
