@@ -34,13 +34,13 @@ const (
 
 // Sender delivers events to PostHog's /batch/ endpoint: a bounded queue that
 // never blocks the caller, batches, gzip, retries with back-off. What it cannot
-// deliver it counts as dropped: every accepted event ends as sent or dropped,
-// once.
+// deliver it counts as dropped: every accepted event is reported exactly once,
+// to Sent or to Dropped.
 //
-// The sender owns its one delivery loop (Start), so that whoever hands it
-// events (the configs of a Caddy reload, one after another) never competes
-// with another loop for the queue, and no batch changes hands. Flush makes the
-// loop send what is queued now; Close stops it.
+// Once started, one delivery loop, owned by the sender, does every delivery;
+// Flush asks it to send what is waiting, and Close stops it. A sender can so
+// outlive the configurations that use it: it is started once and closed when
+// the last one is done with it.
 type Sender struct {
 	// Host and ProjectAPIKey address the project.
 	Host          string
@@ -60,275 +60,510 @@ type Sender struct {
 	// UserAgent identifies the sender.
 	UserAgent string
 	// Sent and Dropped are told how many events were delivered or given up
-	// (queue full, refused by PostHog, retries exhausted, closed, shutdown).
+	// (queue_full, closed, refused by PostHog, retries_exhausted, shutdown).
 	Sent    func(n int)
 	Dropped func(n int, reason string)
 
-	queue chan Event
-	// pending counts the events accepted and not yet sent or dropped.
-	pending atomic.Int64
+	queue   chan Event
+	pending atomic.Int64 // accepted, not yet reported to Sent or Dropped
 
-	// gate orders Enqueue against Close: once Close holds it, no event can
-	// slip into the queue behind its last drain.
+	// gate orders Enqueue against Close: once closed is set, nothing more
+	// enters the queue, so that Close's final count is complete.
 	gate   sync.RWMutex
 	closed bool
 
-	mu sync.Mutex // guards the fields below
-	// started: Start ran; running: the loop was started and has not been
-	// told to stop.
-	started, running bool
-	// held are events taken from the queue and not yet delivered, kept in
-	// order for whoever delivers next (the loop hands its partial batch
-	// back here when it stops; a direct flush its unsent rest).
+	// token is the right to deliver: whoever holds it (the loop, for its whole
+	// life, a direct Flush before Start, or Close's final delivery) is the only
+	// one posting batches.
+	token chan struct{}
+	// mu guards held and abandoned.
+	mu sync.Mutex
+	// held are events taken out of the queue and not resolved by a delivery
+	// that had to stop (a deadline, Close); the next token holder sends them
+	// first.
 	held []Event
-	// abandoned: Close gave up waiting for the loop, which then drops what
-	// it still has when it finally exits.
+	// abandoned is set once Close has given up: what is handed back after it
+	// is dropped ("shutdown").
 	abandoned bool
-	flushes   chan chan struct{}
-	stop      chan struct{}
-	done      chan struct{}
-	// direct serialises deliveries made without the loop.
-	direct sync.Mutex
+
+	life         sync.Mutex // guards started and closeStarted
+	started      bool
+	closeStarted bool
+	startedCh    chan struct{} // closed by Start
+	closing      chan struct{} // closed when Close begins
+	closeDone    chan struct{} // closed when Close returns
+	done         chan struct{} // closed when the loop has exited
+	flushReqs    chan *flushRequest
 }
 
+// flushRequest is a Flush waiting on the loop; err is set before done is
+// closed.
+type flushRequest struct {
+	done chan struct{}
+	err  error
+}
+
+var errClosed = errors.New("posthog events: sender closed")
+
 // NewSender returns a sender with a queue of queueSize events (0: the default).
-// Set its fields before Start.
+// Its configuration fields must be set before Start.
 func NewSender(host, projectKey string, queueSize int) *Sender {
 	if queueSize <= 0 {
 		queueSize = DefaultQueueSize
 	}
-	return &Sender{Host: host, ProjectAPIKey: projectKey, queue: make(chan Event, queueSize),
-		flushes: make(chan chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
+	return &Sender{
+		Host: host, ProjectAPIKey: projectKey,
+		queue:     make(chan Event, queueSize),
+		token:     make(chan struct{}, 1),
+		startedCh: make(chan struct{}),
+		closing:   make(chan struct{}),
+		closeDone: make(chan struct{}),
+		done:      make(chan struct{}),
+		flushReqs: make(chan *flushRequest),
+	}
 }
 
-// Enqueue queues an event without blocking; it reports false (and counts the
-// event as dropped) when the queue is full or the sender is closed.
+// Start starts the sender's delivery loop, which sends a batch when it is full
+// or FlushInterval after its first event. Start is idempotent, and does
+// nothing after Close. Before Start, Enqueue queues and Flush delivers in the
+// caller's goroutine.
+func (s *Sender) Start() {
+	s.life.Lock()
+	defer s.life.Unlock()
+	if s.started || s.closeStarted {
+		return
+	}
+	s.started = true
+	close(s.startedCh)
+	go s.run()
+}
+
+// Enqueue queues an event without ever blocking. It reports false, and counts
+// the event as dropped, when the queue is full ("queue_full") or the sender is
+// closed ("closed").
 func (s *Sender) Enqueue(e Event) bool {
 	s.gate.RLock()
-	defer s.gate.RUnlock()
 	if s.closed {
+		s.gate.RUnlock()
 		s.drop(1, "closed")
 		return false
 	}
 	s.pending.Add(1)
 	select {
 	case s.queue <- e:
+		s.gate.RUnlock()
 		return true
 	default:
 		s.pending.Add(-1)
+		s.gate.RUnlock()
 		s.drop(1, "queue_full")
 		return false
 	}
 }
 
-// Pending counts the events accepted and not yet delivered or dropped: queued,
-// in the loop's partial batch, or in a delivery under way.
+// Pending returns the number of events accepted and not yet delivered or
+// dropped: queued, waiting in the loop's batch, or in a delivery under way.
 func (s *Sender) Pending() int { return int(s.pending.Load()) }
 
-// Start starts the delivery loop. Idempotent; a closed sender stays closed.
-func (s *Sender) Start() {
-	s.gate.RLock()
-	defer s.gate.RUnlock()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.started || s.closed {
-		return
-	}
-	s.started, s.running = true, true
-	// A direct flush in progress finishes before the loop delivers.
-	go func() {
-		s.direct.Lock()
-		s.direct.Unlock()
-		s.loop()
-	}()
-}
+// queued returns the number of events in the queue itself.
+func (s *Sender) queued() int { return len(s.queue) }
 
 // Flush delivers now every event enqueued before the call, the loop's partial
-// batch included, without waiting for FlushInterval or a full batch. It returns
-// once they are delivered (or dropped after their retries) or when ctx is
-// done, and never later than ctx's deadline, however fast events keep
-// arriving: events enqueued after the call are not its business. What it could
-// not send by then is not lost; the sender goes on sending it.
+// batch included, without waiting for FlushInterval or a full batch. It
+// returns once they are delivered or dropped (with the error of the last
+// failed delivery, if any), or with ctx's error when ctx is done first: never
+// later than ctx's deadline, however fast events keep arriving, since events
+// enqueued after the call are not its business. Events it could not send by
+// then stay with the sender, which goes on sending them.
+//
+// Before Start, Flush delivers in the caller's goroutine, and a request under
+// way is cut at ctx's deadline (its events stay queued). Flush is safe to call
+// concurrently with Enqueue and with other Flush calls; after Close it does
+// nothing.
 func (s *Sender) Flush(ctx context.Context) error {
-	s.mu.Lock()
-	switch {
-	case !s.started:
-		// No loop to ask: deliver here. The delivery lock is taken before
-		// Start can see that the loop may run, so the two never overlap.
-		s.direct.Lock()
-		s.mu.Unlock()
-		defer s.direct.Unlock()
-		return s.deliverDirectLocked(ctx, "")
-	case !s.running:
-		s.mu.Unlock()
-		return nil // closing: Close delivers what is left
-	}
-	s.mu.Unlock()
-	done := make(chan struct{})
 	select {
-	case s.flushes <- done:
-	case <-s.done:
-		return nil // closed meanwhile: Close delivers the rest
-	case <-ctx.Done():
-		return fmt.Errorf("flushing events: %w", ctx.Err())
-	}
-	select {
-	case <-done:
+	case <-s.closing:
 		return nil
+	default:
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	select {
+	case <-s.startedCh:
+		return s.flushLoop(ctx)
+	default:
+	}
+	select {
+	case s.token <- struct{}{}:
+		defer func() { <-s.token }()
+		return s.flushDirect(ctx)
+	case <-s.startedCh:
+		return s.flushLoop(ctx)
+	case <-s.closing:
+		return errClosed
 	case <-ctx.Done():
-		return fmt.Errorf("flushing events: %w", ctx.Err())
+		return ctx.Err()
 	}
 }
 
-// Close stops the loop and delivers what remains within ctx; what is still
-// undelivered at ctx's deadline is counted as dropped ("shutdown"). Later
-// events are dropped as "closed". Idempotent.
-func (s *Sender) Close(ctx context.Context) error {
-	s.gate.Lock()
-	already := s.closed
-	s.closed = true
-	s.gate.Unlock()
-	if already {
+// flushLoop hands a flush request to the loop and waits for it.
+func (s *Sender) flushLoop(ctx context.Context) error {
+	req := &flushRequest{done: make(chan struct{})}
+	select {
+	case s.flushReqs <- req:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.done:
+		return errClosed
+	}
+	select {
+	case <-req.done:
+		return req.err
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.done:
+		select {
+		case <-req.done:
+			return req.err
+		default:
+			return errClosed
+		}
+	}
+}
+
+// flushDirect delivers, in the caller's goroutine and within ctx, what was
+// held and queued when it started. The caller holds the token.
+func (s *Sender) flushDirect(ctx context.Context) error {
+	batch := s.takeHeld()
+	n := len(s.queue)
+	wait := func(d time.Duration) bool { return sleep(d, ctx.Done(), s.closing) }
+	var err error
+	for {
+		batch, n = s.fill(batch, n)
+		if len(batch) == 0 {
+			return err
+		}
+		if stop := s.stopped(ctx); stop != nil {
+			s.handBack(batch)
+			return stop
+		}
+		ok, derr := s.deliver(ctx, batch, wait)
+		if !ok {
+			s.handBack(batch)
+			if stop := s.stopped(ctx); stop != nil {
+				return stop
+			}
+			return derr
+		}
+		if derr != nil {
+			err = derr
+		}
+		batch = batch[:0]
+	}
+}
+
+// stopped tells why a direct delivery must stop: ctx is done or Close began.
+func (s *Sender) stopped(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	select {
+	case <-s.closing:
+		return errClosed
+	default:
 		return nil
 	}
-	s.mu.Lock()
-	running := s.running
-	s.running = false
-	s.mu.Unlock()
-	if running {
-		close(s.stop)
+}
+
+// fill tops batch up from the queue to BatchSize, taking at most n events;
+// it returns the batch and how many of the n are left.
+func (s *Sender) fill(batch []Event, n int) ([]Event, int) {
+	for n > 0 && len(batch) < s.batchSize() {
+		select {
+		case e := <-s.queue:
+			batch = append(batch, e)
+			n--
+		default:
+			return batch, 0
+		}
+	}
+	return batch, n
+}
+
+// Close stops the loop (waiting for it, within ctx), then delivers within ctx
+// what remains: the loop's batch and the queue. Whatever is still undelivered
+// at ctx's deadline is counted as dropped ("shutdown"), except a request under
+// way in the loop at that moment, which finishes within Timeout and is counted
+// then. Close returns ctx's error when the deadline cut it short, else the
+// error of the last failed delivery (nil when everything was delivered).
+//
+// Close is idempotent and safe from several goroutines: the calls after the
+// first wait for it (within their own ctx). Enqueue after Close drops
+// ("closed"); Flush after Close does nothing.
+func (s *Sender) Close(ctx context.Context) error {
+	s.life.Lock()
+	if s.closeStarted {
+		s.life.Unlock()
+		select {
+		case <-s.closeDone:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	s.closeStarted = true
+	started := s.started
+	s.life.Unlock()
+	defer close(s.closeDone)
+
+	s.gate.Lock()
+	s.closed = true
+	s.gate.Unlock()
+	close(s.closing)
+
+	if started {
 		select {
 		case <-s.done:
 		case <-ctx.Done():
-			s.mu.Lock()
-			s.abandoned = true
-			s.mu.Unlock()
-			return fmt.Errorf("closing the event sender: %w", ctx.Err())
+			return s.abandon(ctx.Err())
 		}
 	}
-	s.direct.Lock()
-	defer s.direct.Unlock()
-	return s.deliverDirectLocked(ctx, "shutdown")
+	// The loop has exited; a direct Flush may still hold the token, and lets it
+	// go at its next step now that closing is closed.
+	select {
+	case s.token <- struct{}{}:
+		defer func() { <-s.token }()
+	case <-ctx.Done():
+		return s.abandon(ctx.Err())
+	}
+	batch := s.takeHeld()
+	wait := func(d time.Duration) bool { return sleep(d, ctx.Done(), nil) }
+	var err error
+	for {
+		batch, _ = s.fill(batch, len(s.queue))
+		if len(batch) == 0 {
+			return s.abandon(err)
+		}
+		if ctx.Err() != nil {
+			s.handBack(batch)
+			return s.abandon(ctx.Err())
+		}
+		ok, derr := s.deliver(ctx, batch, wait)
+		if !ok {
+			s.handBack(batch)
+			return s.abandon(ctx.Err())
+		}
+		if derr != nil {
+			err = derr
+		}
+		batch = batch[:0]
+	}
 }
 
-// loop is the one delivery loop.
-func (s *Sender) loop() {
-	defer close(s.done)
+// abandon ends Close: what is held or queued is dropped ("shutdown"), and so is
+// whatever a delivery still under way hands back later.
+func (s *Sender) abandon(err error) error {
 	s.mu.Lock()
-	batch := append(make([]Event, 0, s.batchSize()), s.held...)
+	s.abandoned = true
+	n := len(s.held)
 	s.held = nil
 	s.mu.Unlock()
-	interval := s.FlushInterval
-	if interval <= 0 {
-		interval = DefaultFlushInterval
-	}
-	timer := time.NewTimer(interval)
-	defer timer.Stop()
-	// deliver sends batch; it reports false when told to stop meanwhile,
-	// with what it could not send handed back.
-	deliver := func() bool {
-		for len(batch) > 0 {
-			n := min(len(batch), s.batchSize())
-			if !s.deliver(context.Background(), batch[:n], s.stop) {
-				s.handBack(batch)
-				return false
-			}
-			batch = batch[n:]
+	for {
+		select {
+		case <-s.queue:
+			n++
+			continue
+		default:
 		}
-		batch = batch[:0:0]
-		return true
+		break
+	}
+	if n > 0 {
+		s.dropped(n, "shutdown")
+	}
+	return err
+}
+
+// handBack keeps events a delivery could not resolve for the next one (or
+// drops them when Close has given up).
+func (s *Sender) handBack(batch []Event) {
+	if len(batch) == 0 {
+		return
+	}
+	s.mu.Lock()
+	abandoned := s.abandoned
+	if !abandoned {
+		s.held = append(s.held, batch...)
+	}
+	s.mu.Unlock()
+	if abandoned {
+		s.dropped(len(batch), "shutdown")
+	}
+}
+
+func (s *Sender) takeHeld() []Event {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	held := s.held
+	s.held = nil
+	return held
+}
+
+// run is the delivery loop. It holds the token for its whole life.
+func (s *Sender) run() {
+	defer close(s.done)
+	select {
+	case s.token <- struct{}{}:
+	case <-s.closing:
+		return
+	}
+	l := &loop{s: s, interval: s.FlushInterval}
+	if l.interval <= 0 {
+		l.interval = DefaultFlushInterval
+	}
+	defer func() {
+		l.disarm()
+		s.handBack(l.batch)
+		<-s.token
+	}()
+	if held := s.takeHeld(); len(held) > 0 {
+		l.batch = held
+		l.arm()
 	}
 	for {
 		select {
-		case <-s.stop:
-			s.handBack(batch)
+		case <-s.closing:
 			return
-		case e := <-s.queue:
-			if len(batch) == 0 {
-				timer.Reset(interval)
-			}
-			batch = append(batch, e)
-			if len(batch) < s.batchSize() {
-				continue
-			}
-		case <-timer.C:
-			if len(batch) == 0 {
-				continue
-			}
-		case done := <-s.flushes:
-			// Everything queued now, behind the partial batch.
-			for n := len(s.queue); n > 0; n-- {
-				batch = append(batch, <-s.queue)
-			}
-			ok := deliver()
-			close(done)
-			if !ok {
+		default:
+		}
+		if len(l.waiting) > 0 {
+			if !l.serveFlush() {
 				return
 			}
 			continue
 		}
-		if !deliver() {
+		select {
+		case <-s.closing:
 			return
+		case req := <-s.flushReqs:
+			l.waiting = append(l.waiting, req)
+		case e := <-s.queue:
+			l.batch = append(l.batch, e)
+			if len(l.batch) == 1 {
+				l.arm()
+			}
+			if len(l.batch) >= s.batchSize() {
+				if ok, _ := l.send(); !ok {
+					return
+				}
+			}
+		case <-l.due:
+			l.due = nil
+			if ok, _ := l.send(); !ok {
+				return
+			}
 		}
 	}
 }
 
-// handBack keeps events the loop could not deliver; when Close no longer
-// waits for them, they are dropped.
-func (s *Sender) handBack(events []Event) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.abandoned {
-		s.drop(len(events)+len(s.held), "shutdown")
-		s.held = nil
-		for n := len(s.queue); n > 0; n-- {
-			<-s.queue
-			s.drop(1, "shutdown")
-		}
-		return
-	}
-	s.held = append(append([]Event(nil), events...), s.held...)
+// loop is the delivery loop's own state.
+type loop struct {
+	s        *Sender
+	interval time.Duration
+	batch    []Event
+	timer    *time.Timer
+	due      <-chan time.Time // fires FlushInterval after the batch's first event
+	waiting  []*flushRequest
 }
 
-// deliverDirectLocked delivers the held events and a snapshot of the queue in
-// the caller's goroutine, bounded by ctx (no loop is running; the caller holds
-// s.direct). What is left at the deadline is dropped with reason dropReason,
-// or kept when it is "".
-func (s *Sender) deliverDirectLocked(ctx context.Context, dropReason string) error {
-	s.mu.Lock()
-	batch := s.held
-	s.held = nil
-	s.mu.Unlock()
-	for n := len(s.queue); n > 0; n-- {
-		batch = append(batch, <-s.queue)
+func (l *loop) arm() {
+	l.disarm()
+	l.timer = time.NewTimer(l.interval)
+	l.due = l.timer.C
+}
+
+func (l *loop) disarm() {
+	if l.timer != nil {
+		l.timer.Stop()
+		l.timer, l.due = nil, nil
 	}
-	if dropReason != "" {
-		// Closed: nothing more can arrive, take everything.
-		for len(s.queue) > 0 {
-			batch = append(batch, <-s.queue)
-		}
+}
+
+// send delivers the batch; false means Close began or interrupted it (the
+// batch is kept, for Close). The request itself is bounded by Timeout only:
+// stopping does not abort a delivery PostHog may already have accepted.
+func (l *loop) send() (bool, error) {
+	select {
+	case <-l.s.closing:
+		return false, nil
+	default:
 	}
-	for len(batch) > 0 {
-		if ctx.Err() != nil {
+	ok, err := l.s.deliver(context.Background(), l.batch, l.wait)
+	if !ok {
+		return false, err
+	}
+	l.batch = l.batch[:0]
+	l.disarm()
+	return true, err
+}
+
+// wait is the loop's retry back-off: cut short by a flush request (taken, to
+// be served after this delivery) or by Close (false).
+func (l *loop) wait(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case req := <-l.s.flushReqs:
+		l.waiting = append(l.waiting, req)
+		return true
+	case <-l.s.closing:
+		return false
+	}
+}
+
+// serveFlush answers the waiting flush requests: it sends the partial batch
+// and the events queued now, in batches, then signals the requests. False
+// means Close interrupted it.
+func (l *loop) serveFlush() bool {
+	reqs := l.waiting
+	l.waiting = nil
+	n := len(l.s.queue)
+	var err error
+	for {
+		l.batch, n = l.s.fill(l.batch, n)
+		if len(l.batch) == 0 {
 			break
 		}
-		n := min(len(batch), s.batchSize())
-		if !s.deliver(ctx, batch[:n], ctx.Done()) {
-			break
+		ok, derr := l.send()
+		if !ok {
+			return false
 		}
-		batch = batch[n:]
+		if derr != nil {
+			err = derr
+		}
 	}
-	if len(batch) == 0 {
-		return nil
+	for _, req := range reqs {
+		req.err = err
+		close(req.done)
 	}
-	if dropReason != "" {
-		s.drop(len(batch), dropReason)
-	} else {
-		s.mu.Lock()
-		s.held = append(batch, s.held...)
-		s.mu.Unlock()
+	return true
+}
+
+// sleep waits d; false when one of the stop channels (nil ones never fire)
+// is closed first.
+func sleep(d time.Duration, stop1, stop2 <-chan struct{}) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-stop1:
+		return false
+	case <-stop2:
+		return false
 	}
-	return fmt.Errorf("delivering events: %w", context.Cause(ctx))
 }
 
 func (s *Sender) batchSize() int {
@@ -338,17 +573,18 @@ func (s *Sender) batchSize() int {
 	return DefaultBatchSize
 }
 
-// deliver posts one batch, retrying transient failures with back-off, and
-// reports whether the batch is done with (sent, or dropped: refused by
-// PostHog, retries exhausted, unencodable). It reports false, keeping the
-// batch, when interrupt closes before that. postCtx bounds each request: the
-// loop never cuts one short (PostHog may already have accepted it), only the
-// wait before a retry; a direct delivery bounds it by its caller's deadline.
-func (s *Sender) deliver(postCtx context.Context, batch []Event, interrupt <-chan struct{}) bool {
+// deliver posts one batch, retrying transient failures (5xx, 429, network
+// errors) after back-off waits; other 4xx answers drop it ("refused"), and so
+// do exhausted retries ("retries_exhausted"). ctx bounds the requests (each
+// one is also bounded by Timeout); wait does the back-off and reports false
+// when the delivery must stop. When ctx ends or wait says stop, deliver
+// reports false: the batch is neither delivered nor dropped, and is the
+// caller's to keep.
+func (s *Sender) deliver(ctx context.Context, batch []Event, wait func(time.Duration) bool) (bool, error) {
 	body, err := s.encode(batch)
 	if err != nil {
-		s.drop(len(batch), "encoding")
-		return true
+		s.dropped(len(batch), "encoding")
+		return true, err
 	}
 	backoff := s.RetryBackoff
 	if backoff <= 0 {
@@ -361,44 +597,46 @@ func (s *Sender) deliver(postCtx context.Context, batch []Event, interrupt <-cha
 		retries = DefaultMaxRetries
 	}
 	for attempt := 0; ; attempt++ {
-		err = s.post(postCtx, body)
+		err = s.post(ctx, body)
 		if err == nil {
-			s.pending.Add(-int64(len(batch)))
-			if s.Sent != nil {
-				s.Sent(len(batch))
-			}
-			return true
-		}
-		select {
-		case <-interrupt:
-			return false
-		default:
+			s.sent(len(batch))
+			return true, nil
 		}
 		var se *StatusError
 		if errors.As(err, &se) && se.StatusCode >= 400 && se.StatusCode < 500 && se.StatusCode != http.StatusTooManyRequests {
-			s.drop(len(batch), "refused")
-			return true
+			s.dropped(len(batch), "refused")
+			return true, err
+		}
+		if ctx.Err() != nil {
+			return false, err
 		}
 		if attempt >= retries {
-			s.drop(len(batch), "retries_exhausted")
-			return true
+			s.dropped(len(batch), "retries_exhausted")
+			return true, err
 		}
-		wait := time.NewTimer(backoff)
-		select {
-		case <-wait.C:
-		case <-interrupt:
-			wait.Stop()
-			return false
+		if !wait(backoff) {
+			return false, err
 		}
 		backoff *= 2
 	}
 }
 
-// drop counts events given up; those accepted by Enqueue leave Pending.
-func (s *Sender) drop(n int, reason string) {
-	if reason != "queue_full" && reason != "closed" {
-		s.pending.Add(-int64(n))
+// sent and dropped report accepted events; the callbacks are told before
+// Pending goes down, so that Pending() == 0 means they have been told.
+func (s *Sender) sent(n int) {
+	if s.Sent != nil {
+		s.Sent(n)
 	}
+	s.pending.Add(-int64(n))
+}
+
+func (s *Sender) dropped(n int, reason string) {
+	s.drop(n, reason)
+	s.pending.Add(-int64(n))
+}
+
+// drop reports events given up, accepted or not.
+func (s *Sender) drop(n int, reason string) {
 	if s.Dropped != nil {
 		s.Dropped(n, reason)
 	}

@@ -1,9 +1,13 @@
 package posthog
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"strconv"
 	"sync"
@@ -17,14 +21,39 @@ import (
 type eventCounts struct {
 	sent, dropped atomic.Int64
 	reasons       chan string
+
+	mu       sync.Mutex
+	byReason map[string]int
+}
+
+// reason returns how many events were dropped for reason.
+func (c *eventCounts) reason(r string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.byReason[r]
+}
+
+// droppedAccepted returns the drops of accepted events (the queue_full and
+// closed ones were refused by Enqueue).
+func (c *eventCounts) droppedAccepted() int64 {
+	return c.dropped.Load() - int64(c.reason("queue_full")+c.reason("closed"))
 }
 
 func newTestSender(srv *posthogtest.Server, queue int) (*Sender, *eventCounts) {
-	counts := &eventCounts{reasons: make(chan string, 10000)}
-	s := NewSender(srv.URL, projectKey, queue)
-	s.BatchSize, s.FlushInterval, s.RetryBackoff, s.Timeout = 10, 20*time.Millisecond, 10*time.Millisecond, time.Second
+	return newTestSenderTo(srv.URL, queue)
+}
+
+func newTestSenderTo(url string, queue int) (*Sender, *eventCounts) {
+	counts := &eventCounts{reasons: make(chan string, 100), byReason: map[string]int{}}
+	s := NewSender(url, projectKey, queue)
+	// A generous Timeout: on a loaded machine a request that times out after
+	// the server recorded it is retried, and its events arrive twice.
+	s.BatchSize, s.FlushInterval, s.RetryBackoff, s.Timeout = 10, 20*time.Millisecond, 10*time.Millisecond, 10*time.Second
 	s.Sent = func(n int) { counts.sent.Add(int64(n)) }
 	s.Dropped = func(n int, reason string) {
+		counts.mu.Lock()
+		counts.byReason[reason] += n
+		counts.mu.Unlock()
 		counts.dropped.Add(int64(n))
 		select {
 		case counts.reasons <- reason:
@@ -39,70 +68,113 @@ func flagEvent(i int) Event {
 		Properties: map[string]any{"$feature_flag": "checkout", "$feature_flag_response": true, "locally_evaluated": true}}
 }
 
-// closeSender closes s at the end of the test and checks that every event it
-// accepted ended as sent or dropped.
-func closeSender(t *testing.T, s *Sender, counts *eventCounts) {
-	t.Cleanup(func() {
-		if err := s.Close(context.Background()); err != nil {
-			t.Errorf("close: %v", err)
+// unreachable returns the address of a server that is no longer listening.
+func unreachable() string {
+	srv := httptest.NewServer(http.NotFoundHandler())
+	srv.Close()
+	return srv.URL
+}
+
+func timeout(d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), d)
+}
+
+// closeSender closes s within 10 s and checks that its loop (if started) exits.
+func closeSender(t *testing.T, s *Sender) error {
+	t.Helper()
+	ctx, cancel := timeout(10 * time.Second)
+	defer cancel()
+	err := s.Close(ctx)
+	if s.started {
+		waitLoopExit(t, s)
+	}
+	return err
+}
+
+func waitLoopExit(t *testing.T, s *Sender) {
+	t.Helper()
+	select {
+	case <-s.done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the delivery loop did not exit after Close")
+	}
+}
+
+// distinctIDs checks that the server got each event once and returns them.
+func distinctIDs(t *testing.T, srv *posthogtest.Server) map[string]bool {
+	t.Helper()
+	events, _ := srv.Events()
+	ids := make(map[string]bool, len(events))
+	for _, e := range events {
+		if ids[e.DistinctID] {
+			t.Errorf("event %s delivered twice", e.DistinctID)
 		}
-		if s.Pending() != 0 {
-			t.Errorf("%d events neither sent nor dropped after Close", s.Pending())
-		}
-	})
+		ids[e.DistinctID] = true
+	}
+	return ids
 }
 
 func TestSenderBatchesAndDelivers(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	t.Cleanup(srv.Close)
+	defer srv.Close()
 	s, counts := newTestSender(srv, 100)
-	s.FlushInterval = time.Hour // only full batches go by themselves
-	closeSender(t, s, counts)
+	s.UserAgent = "flagsplit-test"
 	s.Start()
+	s.Start() // idempotent
 	for i := 0; i < 25; i++ {
 		if !s.Enqueue(flagEvent(i)) {
 			t.Fatal("enqueue failed with room in the queue")
 		}
 	}
-	eventually(t, "two full batches", func() bool { return counts.sent.Load() == 20 })
-	if s.Pending() != 5 {
-		t.Errorf("%d pending, want the 5 of the partial batch", s.Pending())
-	}
-	if err := s.Flush(context.Background()); err != nil || counts.sent.Load() != 25 || s.Pending() != 0 {
-		t.Fatalf("flush: %v, sent %d, pending %d", err, counts.sent.Load(), s.Pending())
-	}
+	eventually(t, "delivery", func() bool { return counts.sent.Load() == 25 })
 	events, batches := srv.Events()
-	if len(events) != 25 || batches != 3 {
+	if len(events) != 25 || batches < 3 {
 		t.Errorf("server got %d events in %d batches (batch size 10)", len(events), batches)
 	}
-	if e := events[0]; e.Event != "$feature_flag_called" || e.DistinctID != "user-0" || e.Properties["$feature_flag"] != "checkout" || e.Timestamp == "" {
+	if e := events[0]; e.Event != "$feature_flag_called" || e.DistinctID != "user-0" || e.Properties["$feature_flag"] != "checkout" || e.Timestamp == "" || e.APIKey != projectKey {
 		t.Errorf("event %+v", e)
+	}
+	if err := closeSender(t, s); err != nil || s.Pending() != 0 || counts.dropped.Load() != 0 {
+		t.Errorf("close: %v, pending %d, dropped %d", err, s.Pending(), counts.dropped.Load())
 	}
 }
 
-func TestSenderSendsAPartialBatchAfterTheFlushInterval(t *testing.T) {
-	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	t.Cleanup(srv.Close)
-	s, counts := newTestSender(srv, 100)
-	closeSender(t, s, counts)
-	s.Start()
-	s.Enqueue(flagEvent(1))
-	eventually(t, "the interval to send the lone event", func() bool { return counts.sent.Load() == 1 })
+func TestSenderEncodesGzipJSON(t *testing.T) {
+	s := NewSender("", projectKey, 0)
+	body, err := s.encode([]Event{flagEvent(1), flagEvent(2)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	zr, err := gzip.NewReader(bytes.NewReader(body))
+	if err != nil {
+		t.Fatalf("the body is not gzip: %v", err)
+	}
+	var payload struct {
+		APIKey string           `json:"api_key"`
+		Batch  []map[string]any `json:"batch"`
+		SentAt time.Time        `json:"sent_at"`
+	}
+	if err := json.NewDecoder(zr).Decode(&payload); err != nil {
+		t.Fatal(err)
+	}
+	if payload.APIKey != projectKey || len(payload.Batch) != 2 || payload.Batch[1]["distinct_id"] != "user-2" ||
+		payload.SentAt.IsZero() || time.Since(payload.SentAt) > time.Minute {
+		t.Errorf("payload %+v", payload)
+	}
 }
 
 func TestSenderNeverBlocksAndCountsDrops(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	t.Cleanup(srv.Close)
+	defer srv.Close()
 	s, counts := newTestSender(srv, 5)
-	closeSender(t, s, counts)
 	start := time.Now()
 	for i := 0; i < 8; i++ {
 		s.Enqueue(flagEvent(i)) // nothing is draining the queue
 	}
-	if time.Since(start) > 100*time.Millisecond || counts.dropped.Load() != 3 || <-counts.reasons != "queue_full" {
-		t.Errorf("full queue: took %v, dropped %d", time.Since(start), counts.dropped.Load())
+	if time.Since(start) > 100*time.Millisecond || counts.dropped.Load() != 3 || <-counts.reasons != "queue_full" || s.Pending() != 5 {
+		t.Errorf("full queue: took %v, dropped %d, pending %d", time.Since(start), counts.dropped.Load(), s.Pending())
 	}
-	// Without the loop, Flush delivers in the caller's goroutine.
+	// Before Start, Flush delivers in the caller's goroutine.
 	if err := s.Flush(context.Background()); err != nil || counts.sent.Load() != 5 || s.Pending() != 0 {
 		t.Errorf("flush: %v, sent %d, pending %d", err, counts.sent.Load(), s.Pending())
 	}
@@ -110,234 +182,470 @@ func TestSenderNeverBlocksAndCountsDrops(t *testing.T) {
 
 func TestSenderRetriesThenDrops(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	t.Cleanup(srv.Close)
+	defer srv.Close()
 	s, counts := newTestSender(srv, 100)
 	s.MaxRetries = 2
-	closeSender(t, s, counts)
 
-	srv.FailNextBatches(http.StatusServiceUnavailable, 2)
+	srv.FailNextBatches(2, http.StatusServiceUnavailable)
 	s.Enqueue(flagEvent(1))
 	if err := s.Flush(context.Background()); err != nil || counts.sent.Load() != 1 || srv.BatchAttempts() != 3 {
-		t.Fatalf("two 503s then a success: %v, sent %d in %d attempts", err, counts.sent.Load(), srv.BatchAttempts())
+		t.Fatalf("transient 503s were not retried: %v, sent %d, attempts %d", err, counts.sent.Load(), srv.BatchAttempts())
 	}
-	srv.FailBatchesWith(http.StatusBadRequest)
+	srv.FailNextBatches(1, http.StatusTooManyRequests)
 	s.Enqueue(flagEvent(2))
-	if err := s.Flush(context.Background()); err != nil || counts.dropped.Load() != 1 || <-counts.reasons != "refused" {
+	if err := s.Flush(context.Background()); err != nil || counts.sent.Load() != 2 {
+		t.Fatalf("a 429 was not retried: %v, sent %d", err, counts.sent.Load())
+	}
+
+	srv.FailBatchesWith(http.StatusBadRequest)
+	s.Enqueue(flagEvent(3))
+	if err := s.Flush(context.Background()); err == nil || counts.dropped.Load() != 1 || <-counts.reasons != "refused" {
 		t.Errorf("a 400 must drop the batch at once: %v, dropped %d", err, counts.dropped.Load())
 	}
 	srv.FailBatchesWith(http.StatusInternalServerError)
-	s.Enqueue(flagEvent(3))
-	if err := s.Flush(context.Background()); err != nil || counts.dropped.Load() != 2 || <-counts.reasons != "retries_exhausted" {
-		t.Errorf("retries exhausted: %v, dropped %d", err, counts.dropped.Load())
+	before := srv.BatchAttempts()
+	s.Enqueue(flagEvent(4))
+	var se *StatusError
+	if err := s.Flush(context.Background()); !errors.As(err, &se) || se.StatusCode != 500 || counts.dropped.Load() != 2 ||
+		<-counts.reasons != "retries_exhausted" || srv.BatchAttempts()-before != 3 {
+		t.Errorf("retries exhausted: %v, dropped %d, attempts %d", err, counts.dropped.Load(), srv.BatchAttempts()-before)
 	}
-	if events, _ := srv.Events(); len(events) != 1 {
-		t.Errorf("server got %d events", len(events))
+	if events, _ := srv.Events(); len(events) != 2 || s.Pending() != 0 {
+		t.Errorf("server got %d events, %d pending", len(events), s.Pending())
 	}
 }
 
-// The flush that a stopping config makes sends the loop's partial batch at
-// once, not after the flush interval or when the batch fills.
-func TestFlushSendsThePartialBatchAtOnce(t *testing.T) {
+func TestSenderRequestBoundedByTimeout(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	t.Cleanup(srv.Close)
-	s, counts := newTestSender(srv, 2000)
+	release := srv.BlockBatches()
+	defer srv.Close()
+	defer release()
+	s, counts := newTestSender(srv, 100)
+	s.Timeout, s.MaxRetries = 50*time.Millisecond, 1
+	s.Start()
+	s.Enqueue(flagEvent(1))
+	eventually(t, "the request to time out, be retried and dropped", func() bool { return counts.dropped.Load() == 1 })
+	if srv.BatchAttempts() != 2 || counts.reason("retries_exhausted") != 1 || s.Pending() != 0 {
+		t.Errorf("attempts %d, reasons %v, pending %d", srv.BatchAttempts(), counts.byReason, s.Pending())
+	}
+	release()
+	closeSender(t, s)
+}
+
+// The defect behind a hanging `caddy reload`: Flush must return by its
+// deadline while new events keep arriving, and it must not lose any.
+func TestSenderFlushBoundedUnderSteadyTraffic(t *testing.T) {
+	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
+	defer srv.Close()
+	srv.SetBatchDelay(100 * time.Millisecond)
+	s, counts := newTestSender(srv, 100000)
+	s.BatchSize = 200
+	s.Start()
+
+	var enqueued, refused atomic.Int64
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if s.Enqueue(flagEvent(i)) {
+				enqueued.Store(int64(i + 1))
+			} else {
+				refused.Add(1)
+			}
+			time.Sleep(time.Millisecond) // pacing: ~1000 events/s, steady
+		}
+	}()
+	eventually(t, "steady traffic", func() bool { return srv.BatchAttempts() >= 3 })
+
+	before := int(enqueued.Load())
+	ctx, cancel := timeout(time.Second)
+	start := time.Now()
+	err := s.Flush(ctx)
+	took := time.Since(start)
+	cancel()
+	if took > 1500*time.Millisecond {
+		t.Errorf("Flush took %v under steady traffic; its deadline was 1s", took)
+	}
+	check := func(when string) {
+		ids := distinctIDs(t, srv)
+		for i := 0; i < before; i++ {
+			if !ids["user-"+strconv.Itoa(i)] {
+				t.Fatalf("%s: event %d, enqueued before Flush, was not delivered", when, i)
+			}
+		}
+	}
+	switch {
+	case err == nil:
+		check("when Flush returned")
+	case errors.Is(err, context.DeadlineExceeded):
+		t.Logf("Flush hit its deadline after %v; its events must still be delivered", took)
+	default:
+		t.Fatalf("Flush: %v", err)
+	}
+
+	// With a deadline that is long enough for the backlog, Flush succeeds
+	// however fast new events arrive.
+	before = int(enqueued.Load())
+	ctx, cancel = timeout(5 * time.Second)
+	err = s.Flush(ctx)
+	cancel()
+	if err != nil {
+		t.Fatalf("Flush with 5s for a backlog of one batch, under steady traffic: %v", err)
+	}
+	check("when the second Flush returned")
+
+	close(stop)
+	<-stopped
+	if err := closeSender(t, s); err != nil {
+		t.Errorf("close: %v", err)
+	}
+	check("after Close")
+	accepted := enqueued.Load()
+	if refused.Load() != 0 || counts.sent.Load()+counts.dropped.Load() != accepted || counts.dropped.Load() != 0 || s.Pending() != 0 {
+		t.Errorf("accepted %d (refused %d): sent %d, dropped %d, pending %d",
+			accepted, refused.Load(), counts.sent.Load(), counts.dropped.Load(), s.Pending())
+	}
+	if ids := distinctIDs(t, srv); int64(len(ids)) != accepted {
+		t.Errorf("server got %d distinct events, %d were accepted", len(ids), accepted)
+	}
+}
+
+// The defect behind a reload that does not flush: the loop's partial batch
+// goes out at once, not after FlushInterval.
+func TestSenderFlushSendsTheLoopsPartialBatch(t *testing.T) {
+	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
+	defer srv.Close()
+	s, counts := newTestSender(srv, 100)
 	s.BatchSize, s.FlushInterval = 1000, time.Hour
-	closeSender(t, s, counts)
 	s.Start()
 	for i := 0; i < 20; i++ {
 		s.Enqueue(flagEvent(i))
 	}
-	eventually(t, "the loop to hold the events", func() bool { return len(s.queue) == 0 && s.Pending() == 20 })
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	eventually(t, "the loop to take the events into its batch", func() bool { return s.Pending() == 20 && s.queued() == 0 })
+	ctx, cancel := timeout(5 * time.Second)
 	defer cancel()
+	start := time.Now()
 	if err := s.Flush(ctx); err != nil {
-		t.Fatal(err)
+		t.Fatalf("flush: %v", err)
 	}
-	if events, batches := srv.Events(); len(events) != 20 || batches != 1 || s.Pending() != 0 {
-		t.Errorf("after the flush: %d events in %d batches, %d pending", len(events), batches, s.Pending())
+	events, batches := srv.Events()
+	if took := time.Since(start); took > 2*time.Second || len(events) != 20 || batches != 1 || counts.sent.Load() != 20 || s.Pending() != 0 {
+		t.Errorf("flush took %v: server got %d events in %d batches; sent %d, pending %d",
+			took, len(events), batches, counts.sent.Load(), s.Pending())
 	}
+	closeSender(t, s)
 }
 
-// Flush returns by its deadline however fast events keep coming: it sends
-// what was queued when it was called, and the rest is the loop's business.
-func TestFlushIsBoundedUnderSteadyTraffic(t *testing.T) {
+func TestSenderFlushWhileDeliveryHangs(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	t.Cleanup(srv.Close)
-	srv.SetBatchDelay(100 * time.Millisecond)
-	s, counts := newTestSender(srv, 100000)
-	s.BatchSize, s.FlushInterval = 100, 200*time.Millisecond
+	release := srv.BlockBatches()
+	defer srv.Close()
+	defer release()
+	s, counts := newTestSender(srv, 100)
+	s.BatchSize = 5
 	s.Start()
-	const total = 3000
-	var accepted atomic.Int64
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for i := 0; i < total; i++ {
-			if s.Enqueue(flagEvent(i)) {
-				accepted.Add(1)
-			}
-			if i%100 == 99 {
-				runtime.Gosched()
-			}
-		}
-	}()
-	// 1,500 queued events take 1.5 s at 100 ms a batch: more than the
-	// flush may take.
-	eventually(t, "a backlog", func() bool { return s.Pending() >= 1500 })
-	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-	defer cancel()
+	for i := 0; i < 8; i++ {
+		s.Enqueue(flagEvent(i))
+	}
+	eventually(t, "a batch in flight", func() bool { return srv.BatchesInFlight() == 1 })
+
+	ctx, cancel := timeout(200 * time.Millisecond)
 	start := time.Now()
 	err := s.Flush(ctx)
-	if took := time.Since(start); took > time.Second {
-		t.Errorf("Flush took %v with a 500 ms deadline", took)
+	took := time.Since(start)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) || took > time.Second {
+		t.Fatalf("Flush with a hung delivery: %v after %v; want the deadline error at 200ms", err, took)
 	}
-	if !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("flush of a backlog it cannot send in time: %v, want the deadline", err)
+	if s.Pending() != 8 || counts.dropped.Load() != 0 {
+		t.Fatalf("after the flush gave up: %d pending, %d dropped", s.Pending(), counts.dropped.Load())
 	}
-	<-done
-	// Nothing was lost: the loop delivers the rest.
-	eventually(t, "every event", func() bool { return s.Pending() == 0 })
-	if err := s.Close(context.Background()); err != nil {
-		t.Fatal(err)
+
+	release()
+	ctx, cancel = timeout(5 * time.Second)
+	defer cancel()
+	if err := s.Flush(ctx); err != nil || counts.sent.Load() != 8 || counts.dropped.Load() != 0 || s.Pending() != 0 {
+		t.Errorf("after the release: %v, sent %d, dropped %d, pending %d", err, counts.sent.Load(), counts.dropped.Load(), s.Pending())
 	}
-	events, _ := srv.Events()
-	ids := map[string]bool{}
-	for _, e := range events {
-		ids[e.DistinctID] = true
+	if ids := distinctIDs(t, srv); len(ids) != 8 {
+		t.Errorf("server got %d distinct events", len(ids))
 	}
-	if accepted.Load() != total || len(events) != total || len(ids) != total || counts.dropped.Load() != 0 || counts.sent.Load() != total {
-		t.Errorf("accepted %d, delivered %d (%d distinct), sent %d, dropped %d", accepted.Load(), len(events), len(ids),
-			counts.sent.Load(), counts.dropped.Load())
+	closeSender(t, s)
+}
+
+func TestSenderFlushCutsRetryBackoffShort(t *testing.T) {
+	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
+	defer srv.Close()
+	s, counts := newTestSender(srv, 100)
+	s.BatchSize, s.RetryBackoff = 1, time.Hour
+	srv.FailNextBatches(1, http.StatusServiceUnavailable)
+	s.Start()
+	s.Enqueue(flagEvent(1))
+	eventually(t, "a failed attempt", func() bool { return srv.BatchAttempts() == 1 })
+	ctx, cancel := timeout(5 * time.Second)
+	defer cancel()
+	if err := s.Flush(ctx); err != nil || counts.sent.Load() != 1 || srv.BatchAttempts() != 2 {
+		t.Errorf("flush during an hour-long back-off: %v, sent %d, attempts %d", err, counts.sent.Load(), srv.BatchAttempts())
+	}
+	closeSender(t, s)
+}
+
+func TestSenderCloseDeliversTheRetryingBatch(t *testing.T) {
+	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
+	defer srv.Close()
+	s, counts := newTestSender(srv, 100)
+	s.RetryBackoff = time.Hour // the loop is waiting to retry when it is closed
+	srv.FailBatchesWith(http.StatusServiceUnavailable)
+	s.Start()
+	for i := 0; i < 4; i++ {
+		s.Enqueue(flagEvent(i))
+	}
+	eventually(t, "a failed attempt", func() bool { return srv.BatchAttempts() > 0 })
+	srv.FailBatchesWith(0)
+	if err := closeSender(t, s); err != nil || counts.sent.Load() != 4 || counts.dropped.Load() != 0 || s.Pending() != 0 {
+		t.Errorf("close mid-retry: %v, sent %d, dropped %d, pending %d", err, counts.sent.Load(), counts.dropped.Load(), s.Pending())
 	}
 }
 
-// A Flush whose events are stuck in a delivery that hangs returns at its
-// deadline; the events are delivered when PostHog answers.
-func TestFlushReturnsAtItsDeadlineWhileADeliveryHangs(t *testing.T) {
+func TestSenderCloseDropsWhatPostHogCannotTake(t *testing.T) {
+	for _, started := range []bool{true, false} {
+		t.Run("started="+strconv.FormatBool(started), func(t *testing.T) {
+			s, counts := newTestSenderTo(unreachable(), 100)
+			s.RetryBackoff = time.Hour
+			if started {
+				s.Start()
+			}
+			for i := 0; i < 4; i++ {
+				s.Enqueue(flagEvent(i))
+			}
+			ctx, cancel := timeout(150 * time.Millisecond)
+			defer cancel()
+			start := time.Now()
+			err := s.Close(ctx)
+			if took := time.Since(start); !errors.Is(err, context.DeadlineExceeded) || took > time.Second {
+				t.Errorf("close with PostHog unreachable: %v after %v", err, took)
+			}
+			if started {
+				waitLoopExit(t, s)
+			}
+			if counts.sent.Load() != 0 || counts.dropped.Load() != 4 || counts.reason("shutdown") != 4 || s.Pending() != 0 {
+				t.Errorf("sent %d, dropped %v, pending %d", counts.sent.Load(), counts.byReason, s.Pending())
+			}
+		})
+	}
+}
+
+func TestSenderCloseBlockedPastItsDeadline(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	t.Cleanup(srv.Close)
-	s, counts := newTestSender(srv, 100)
-	s.Timeout = time.Minute
-	closeSender(t, s, counts)
-	release := srv.HoldBatches()
+	release := srv.BlockBatches()
+	defer srv.Close()
 	defer release()
+	s, counts := newTestSender(srv, 100)
+	s.BatchSize = 5
 	s.Start()
-	for i := 0; i < 10; i++ { // a full batch: the loop sends it at once
+	for i := 0; i < 12; i++ {
 		s.Enqueue(flagEvent(i))
 	}
-	eventually(t, "the delivery to hang", func() bool { return srv.BatchAttempts() == 1 })
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-	defer cancel()
+	eventually(t, "a batch in flight", func() bool { return srv.BatchesInFlight() == 1 })
+
+	ctx, cancel := timeout(200 * time.Millisecond)
 	start := time.Now()
-	if err := s.Flush(ctx); !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("flush during a hanging delivery: %v", err)
+	err := s.Close(ctx)
+	took := time.Since(start)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) || took > time.Second {
+		t.Fatalf("close with a hung delivery: %v after %v", err, took)
 	}
-	if took := time.Since(start); took > time.Second {
-		t.Errorf("Flush took %v with a 200 ms deadline", took)
+	// The 7 queued events are given up; the 5 under way are the request's.
+	if counts.reason("shutdown") != 7 || counts.dropped.Load() != 7 || s.Pending() != 5 {
+		t.Fatalf("at Close's deadline: dropped %v, pending %d", counts.byReason, s.Pending())
 	}
 	release()
-	eventually(t, "the delivery", func() bool { return counts.sent.Load() == 10 })
-	if counts.dropped.Load() != 0 {
-		t.Errorf("%d dropped", counts.dropped.Load())
+	waitLoopExit(t, s)
+	if counts.sent.Load() != 5 || counts.dropped.Load() != 7 || s.Pending() != 0 {
+		t.Errorf("after the release: sent %d, dropped %d, pending %d", counts.sent.Load(), counts.dropped.Load(), s.Pending())
 	}
 }
 
-// A stop during a retry's back-off keeps the batch: Close delivers it.
-func TestCloseDeliversWhatTheLoopWasRetrying(t *testing.T) {
+func TestSenderCloseIsIdempotentAndFinal(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	t.Cleanup(srv.Close)
+	defer srv.Close()
 	s, counts := newTestSender(srv, 100)
-	s.RetryBackoff = time.Hour // the loop is waiting to retry when it is stopped
-	srv.FailNextBatches(http.StatusServiceUnavailable, 1)
 	s.Start()
-	for i := 0; i < 10; i++ {
+	for i := 0; i < 3; i++ {
 		s.Enqueue(flagEvent(i))
 	}
-	eventually(t, "a failed attempt", func() bool { return srv.BatchAttempts() == 1 })
-	if err := s.Close(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	if counts.sent.Load() != 10 || counts.dropped.Load() != 0 || s.Pending() != 0 {
-		t.Errorf("after close: sent %d, dropped %d, pending %d", counts.sent.Load(), counts.dropped.Load(), s.Pending())
-	}
-	if s.Enqueue(flagEvent(99)) || <-counts.reasons != "closed" {
-		t.Error("an event was accepted after Close")
-	}
-	if err := s.Close(context.Background()); err != nil {
-		t.Errorf("second close: %v", err)
-	}
-}
-
-// What Close cannot deliver by its deadline is counted as dropped, never left
-// unaccounted for.
-func TestCloseCountsWhatItCannotDeliver(t *testing.T) {
-	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	t.Cleanup(srv.Close)
-	s, counts := newTestSender(srv, 100)
-	s.Timeout = time.Minute
-	release := srv.HoldBatches()
-	defer release()
-	for i := 0; i < 5; i++ {
-		s.Enqueue(flagEvent(i))
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-	defer cancel()
-	if err := s.Close(ctx); err == nil {
-		t.Error("close with PostHog hanging reported success")
-	}
-	if counts.dropped.Load() != 5 || s.Pending() != 0 {
-		t.Errorf("after close: dropped %d, pending %d", counts.dropped.Load(), s.Pending())
-	}
-}
-
-// Under concurrent Enqueue, Flush and Close, every accepted event ends as sent
-// or dropped exactly once.
-func TestEveryAcceptedEventIsSentOrDroppedOnce(t *testing.T) {
-	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	t.Cleanup(srv.Close)
-	srv.SetBatchDelay(time.Millisecond)
-	s, counts := newTestSender(srv, 500)
-	s.Start()
-	var accepted atomic.Int64
 	var wg sync.WaitGroup
-	for w := 0; w < 4; w++ {
+	errs := make(chan error, 4)
+	for i := 0; i < 4; i++ {
 		wg.Add(1)
-		go func(w int) {
+		go func() {
 			defer wg.Done()
-			for i := 0; i < 2000; i++ {
-				if s.Enqueue(flagEvent(w*10000 + i)) {
-					accepted.Add(1)
-				}
-			}
-		}(w)
-	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for i := 0; i < 20; i++ {
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
-			_ = s.Flush(ctx)
-			cancel()
-		}
-	}()
-	eventually(t, "some deliveries", func() bool { return counts.sent.Load() > 0 })
-	if err := s.Close(context.Background()); err != nil {
-		t.Fatal(err)
+			ctx, cancel := timeout(5 * time.Second)
+			defer cancel()
+			errs <- s.Close(ctx)
+		}()
 	}
 	wg.Wait()
-	for {
-		select {
-		case r := <-counts.reasons:
-			if r != "closed" && r != "queue_full" {
-				t.Errorf("dropped for %q", r)
-			}
-			continue
-		default:
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Errorf("close: %v", err)
 		}
-		break
 	}
-	events, _ := srv.Events()
-	if int64(len(events)) != counts.sent.Load() || counts.sent.Load() != accepted.Load() || s.Pending() != 0 {
-		t.Errorf("accepted %d, sent %d, delivered %d, pending %d", accepted.Load(), counts.sent.Load(), len(events), s.Pending())
+	waitLoopExit(t, s)
+	if counts.sent.Load() != 3 || s.Pending() != 0 {
+		t.Errorf("sent %d, pending %d", counts.sent.Load(), s.Pending())
+	}
+	if err := s.Close(context.Background()); err != nil {
+		t.Errorf("a second close: %v", err)
+	}
+	s.Start() // does nothing after Close
+	if s.Enqueue(flagEvent(9)) || counts.reason("closed") != 1 || s.Pending() != 0 {
+		t.Errorf("enqueue after close: dropped %v, pending %d", counts.byReason, s.Pending())
+	}
+	if err := s.Flush(context.Background()); err != nil {
+		t.Errorf("flush after close: %v", err)
+	}
+	if _, batches := srv.Events(); batches != 1 {
+		t.Errorf("%d batches; nothing should be sent after Close", batches)
+	}
+}
+
+// A Start while a direct Flush is delivering must wait for it: deliveries never
+// overlap.
+func TestSenderStartDuringDirectFlush(t *testing.T) {
+	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
+	release := srv.BlockBatches()
+	defer srv.Close()
+	defer release()
+	s, counts := newTestSender(srv, 100)
+	for i := 0; i < 30; i++ {
+		s.Enqueue(flagEvent(i))
+	}
+	flushed := make(chan error, 1)
+	go func() {
+		ctx, cancel := timeout(10 * time.Second)
+		defer cancel()
+		flushed <- s.Flush(ctx)
+	}()
+	eventually(t, "the direct flush's first request", func() bool { return srv.BatchesInFlight() == 1 })
+	s.Start()
+	for i := 30; i < 40; i++ { // a full batch for the loop
+		s.Enqueue(flagEvent(i))
+	}
+	release()
+	if err := <-flushed; err != nil {
+		t.Fatalf("direct flush: %v", err)
+	}
+	ctx, cancel := timeout(5 * time.Second)
+	defer cancel()
+	if err := s.Flush(ctx); err != nil || counts.sent.Load() != 40 || s.Pending() != 0 {
+		t.Errorf("flush through the loop: %v, sent %d, pending %d", err, counts.sent.Load(), s.Pending())
+	}
+	if n := srv.MaxBatchesInFlight(); n != 1 {
+		t.Errorf("%d deliveries ran at once", n)
+	}
+	if ids := distinctIDs(t, srv); len(ids) != 40 {
+		t.Errorf("server got %d distinct events", len(ids))
+	}
+	closeSender(t, s)
+}
+
+// Every accepted event ends as sent or dropped exactly once, whatever Enqueue,
+// Flush and Close do at the same time.
+func TestSenderAccountsForEveryEventOnce(t *testing.T) {
+	for _, flaky := range []bool{false, true} {
+		t.Run("flaky="+strconv.FormatBool(flaky), func(t *testing.T) {
+			srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
+			defer srv.Close()
+			srv.SetBatchDelay(2 * time.Millisecond)
+			s, counts := newTestSender(srv, 500)
+			s.BatchSize, s.RetryBackoff, s.MaxRetries = 50, time.Millisecond, 1
+			if flaky {
+				srv.FailBatchesWith(http.StatusServiceUnavailable)
+			}
+			s.Start()
+
+			// The workers go on until they have seen Close begin, and then
+			// make one more call each.
+			closing := func() bool {
+				select {
+				case <-s.closing:
+					return true
+				default:
+					return false
+				}
+			}
+			var seq, accepted atomic.Int64
+			var workers sync.WaitGroup
+			for p := 0; p < 3; p++ {
+				workers.Add(1)
+				go func() {
+					defer workers.Done()
+					for {
+						last := closing()
+						if s.Enqueue(flagEvent(int(seq.Add(1)))) {
+							accepted.Add(1)
+						}
+						if last {
+							return
+						}
+						runtime.Gosched()
+					}
+				}()
+			}
+			workers.Add(1)
+			go func() {
+				defer workers.Done()
+				for {
+					last := closing()
+					ctx, cancel := timeout(20 * time.Millisecond)
+					s.Flush(ctx)
+					cancel()
+					if last {
+						return
+					}
+				}
+			}()
+			eventually(t, "traffic", func() bool { return srv.BatchAttempts() >= 5 })
+
+			var closers sync.WaitGroup
+			closeErrs := make(chan error, 2)
+			for c := 0; c < 2; c++ {
+				closers.Add(1)
+				go func() {
+					defer closers.Done()
+					ctx, cancel := timeout(10 * time.Second)
+					defer cancel()
+					closeErrs <- s.Close(ctx)
+				}()
+			}
+			closers.Wait()
+			workers.Wait()
+			waitLoopExit(t, s)
+			close(closeErrs)
+			for err := range closeErrs {
+				if errors.Is(err, context.DeadlineExceeded) || (!flaky && err != nil) {
+					t.Errorf("close: %v", err)
+				}
+			}
+
+			sent, dropped := counts.sent.Load(), counts.droppedAccepted()
+			if sent+dropped != accepted.Load() || s.Pending() != 0 || counts.reason("closed") == 0 {
+				t.Errorf("accepted %d: sent %d + dropped %d (%v), pending %d", accepted.Load(), sent, dropped, counts.byReason, s.Pending())
+			}
+			if ids := distinctIDs(t, srv); int64(len(ids)) != sent {
+				t.Errorf("server got %d distinct events, %d reported sent", len(ids), sent)
+			}
+			if !flaky && (dropped != 0 || sent == 0) {
+				t.Errorf("healthy PostHog: sent %d, dropped %v", sent, counts.byReason)
+			}
+		})
 	}
 }

@@ -34,12 +34,16 @@ type Server struct {
 	notModified atomic.Int64 // 304s
 
 	batchStatus   int // forced status for /batch/, 0 = accept
-	batchFailures int // with batchStatus: how many more answers are forced (<0: all)
-	batchDelay    time.Duration
-	batchGate     chan struct{} // when set, /batch/ answers wait for it to close
 	batchAttempts atomic.Int64
 	events        []CapturedEvent
 	batches       int
+
+	batchFailNext   int           // how many more /batch/ requests answer batchFailStatus
+	batchFailStatus int           // status for them
+	batchDelay      time.Duration // wait before answering /batch/
+	batchBlock      chan struct{} // when non-nil, /batch/ waits until it is closed
+	batchInFlight   atomic.Int64
+	batchMaxFlight  atomic.Int64
 }
 
 // CapturedEvent is an event received on /batch/.
@@ -116,43 +120,8 @@ func (s *Server) NotModified() int64 { return s.notModified.Load() }
 // FailBatchesWith makes /batch/ answer status (0 accepts again).
 func (s *Server) FailBatchesWith(status int) {
 	s.mu.Lock()
-	s.batchStatus, s.batchFailures = status, -1
+	s.batchStatus = status
 	s.mu.Unlock()
-}
-
-// FailNextBatches makes the next n /batch/ requests answer status, and the
-// ones after them be accepted.
-func (s *Server) FailNextBatches(status, n int) {
-	s.mu.Lock()
-	s.batchStatus, s.batchFailures = status, n
-	s.mu.Unlock()
-}
-
-// SetBatchDelay makes every /batch/ answer take d (PostHog under load).
-func (s *Server) SetBatchDelay(d time.Duration) {
-	s.mu.Lock()
-	s.batchDelay = d
-	s.mu.Unlock()
-}
-
-// HoldBatches makes /batch/ requests wait, unanswered, until release is
-// called (a delivery that hangs).
-func (s *Server) HoldBatches() (release func()) {
-	gate := make(chan struct{})
-	s.mu.Lock()
-	s.batchGate = gate
-	s.mu.Unlock()
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			s.mu.Lock()
-			if s.batchGate == gate {
-				s.batchGate = nil
-			}
-			s.mu.Unlock()
-			close(gate)
-		})
-	}
 }
 
 // Events returns the events received so far, and how many batches carried them.
@@ -165,26 +134,78 @@ func (s *Server) Events() ([]CapturedEvent, int) {
 // BatchAttempts returns how many /batch/ requests arrived, accepted or not.
 func (s *Server) BatchAttempts() int64 { return s.batchAttempts.Load() }
 
+// FailNextBatches makes the next n /batch/ requests answer status; the ones
+// after them are answered as before.
+func (s *Server) FailNextBatches(n, status int) {
+	s.mu.Lock()
+	s.batchFailNext, s.batchFailStatus = n, status
+	s.mu.Unlock()
+}
+
+// SetBatchDelay makes each /batch/ request wait d before it is answered (0:
+// answer at once). A request whose client gives up stops waiting.
+func (s *Server) SetBatchDelay(d time.Duration) {
+	s.mu.Lock()
+	s.batchDelay = d
+	s.mu.Unlock()
+}
+
+// BlockBatches holds every /batch/ request, from now on and until release is
+// called, before answering it. Release is idempotent and must be called
+// before Close (which waits for the requests under way). A request whose
+// client gives up stops waiting.
+func (s *Server) BlockBatches() (release func()) {
+	ch := make(chan struct{})
+	s.mu.Lock()
+	s.batchBlock = ch
+	s.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			if s.batchBlock == ch {
+				s.batchBlock = nil
+			}
+			s.mu.Unlock()
+			close(ch)
+		})
+	}
+}
+
+// BatchesInFlight returns how many /batch/ requests are being handled now
+// (waiting on SetBatchDelay or BlockBatches included).
+func (s *Server) BatchesInFlight() int64 { return s.batchInFlight.Load() }
+
+// MaxBatchesInFlight returns the most /batch/ requests handled at once so far.
+func (s *Server) MaxBatchesInFlight() int64 { return s.batchMaxFlight.Load() }
+
 func (s *Server) serveBatch(w http.ResponseWriter, r *http.Request) {
 	s.batchAttempts.Add(1)
-	s.mu.Lock()
-	forced, delay, gate := s.batchStatus, s.batchDelay, s.batchGate
-	if forced != 0 && s.batchFailures > 0 {
-		if s.batchFailures--; s.batchFailures == 0 {
-			s.batchStatus = 0
+	n := s.batchInFlight.Add(1)
+	defer s.batchInFlight.Add(-1)
+	for {
+		m := s.batchMaxFlight.Load()
+		if n <= m || s.batchMaxFlight.CompareAndSwap(m, n) {
+			break
 		}
 	}
+	s.mu.Lock()
+	forced, delay, block := s.batchStatus, s.batchDelay, s.batchBlock
+	if s.batchFailNext > 0 {
+		s.batchFailNext--
+		forced = s.batchFailStatus
+	}
 	s.mu.Unlock()
-	if gate != nil {
+	if delay > 0 {
 		select {
-		case <-gate:
+		case <-time.After(delay):
 		case <-r.Context().Done():
 			return
 		}
 	}
-	if delay > 0 {
+	if block != nil {
 		select {
-		case <-time.After(delay):
+		case <-block:
 		case <-r.Context().Done():
 			return
 		}
