@@ -310,7 +310,7 @@ func (h *Handler) bind(defs *eval.Definitions) *boundSet {
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	st := h.evaluate(r, repl, true)
+	st := h.evaluate(r, repl, false)
 	if st.cookie != nil {
 		http.SetCookie(w, st.cookie)
 	}
@@ -325,10 +325,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 }
 
 // evaluate resolves the identity, evaluates the flags and attaches the result to
-// the request (vars and placeholders). assign mints an identity when none is
-// found and the handler is configured to.
-func (h *Handler) evaluate(r *http.Request, repl *caddy.Replacer, assign bool) *requestState {
-	st := &requestState{handler: h, implicit: !assign}
+// the request (vars and placeholders). implicit is set for a matcher or
+// policy evaluating on a site without the directive: no identity is minted
+// there (no response carries a cookie), and no response is observed.
+func (h *Handler) evaluate(r *http.Request, repl *caddy.Replacer, implicit bool) *requestState {
+	st := &requestState{handler: h, implicit: implicit}
+	assign := !implicit
 	st.recorder.state = st
 	var malformed proxy.SourceKind
 	st.identity, malformed = h.resolver.Resolve(r, repl)

@@ -42,5 +42,5 @@ func (a *App) requestFlags(r *http.Request) *requestState {
 	if !ok {
 		repl = caddy.NewReplacer()
 	}
-	return h.evaluate(r, repl, false)
+	return h.evaluate(r, repl, true)
 }
