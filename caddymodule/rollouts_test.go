@@ -207,10 +207,12 @@ func TestRolloutPromotesStepByStep(t *testing.T) {
 	defsFile := filepath.Join(storage, "flags.json")
 	writeFileAtomically(t, defsFile, checkoutDefs(100))
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
+	// A step lasts as long as it takes the new side to serve 20 requests:
+	// promotion follows the traffic, not the clock.
 	block := `rollout checkout {
 			steps 10 40 100
-			step_duration 300ms
-			min_requests 5
+			step_duration 1ns
+			min_requests 20
 			guardrail error_rate 2x
 			guardrail latency p99 +1s
 		}`
@@ -218,8 +220,8 @@ func TestRolloutPromotesStepByStep(t *testing.T) {
 	loadJSON(t, cfg)
 
 	expectCap(t, siteA, 10, 60)
-	// Healthy traffic on both sides: each step passes once it has lasted
-	// 300ms and carried 5 requests on the new side.
+	// Healthy traffic on both sides: each step passes once it has carried
+	// 20 requests on the new side.
 	seen := map[float64]bool{}
 	i := 0
 	eventually(t, 20*time.Second, "the rollout to complete", func() bool {

@@ -60,3 +60,6 @@ func storageIdentity(st certmagic.Storage) string {
 	}
 	return fmt.Sprintf("%T", st)
 }
+
+// Caddy's storage is what the shared documents are kept in.
+var _ storedoc.Storage = (certmagic.Storage)(nil)
