@@ -40,7 +40,8 @@ type Flag struct {
 	Name string
 	// Version is PostHog's flag version, when the server sends it.
 	Version int64
-	// Active is false for a disabled flag; it then evaluates to false.
+	// Active is false for a disabled flag, and for a flag whose "active"
+	// is missing or null; such a flag evaluates to false.
 	Active bool
 	// ExperienceContinuity flags need server-side state and never evaluate locally.
 	ExperienceContinuity bool
@@ -292,18 +293,24 @@ func (c *compiler) parseFlag(i int, raw json.RawMessage) {
 		c.problem(path+".key", "", "flag key is missing or not a string")
 		return
 	}
-	var deleted bool
-	if !isNull(obj["deleted"]) && json.Unmarshal(obj["deleted"], &deleted) == nil && deleted {
-		return
+	// "deleted" is not read: the endpoint never sends deleted flags, and
+	// PostHog's SDKs evaluate a flag marked deleted like any other.
+	index := len(c.defs.flags)
+	old, dup := c.defs.byKey[key]
+	if dup {
+		// PostHog's SDKs index flags by key, so a later definition replaces
+		// an earlier one; it takes the earlier one's place in the order.
+		c.problem(path+".key", key, "duplicate flag key; the last definition is used, as PostHog's SDKs do")
+		index = old.index
 	}
-	if _, dup := c.defs.byKey[key]; dup {
-		c.problem(path+".key", key, "duplicate flag key; the first definition is used")
-		return
-	}
-	f := &Flag{Key: key, index: len(c.defs.flags), hashPrefix: key + ".", Active: true}
+	f := &Flag{Key: key, index: index, hashPrefix: key + "."}
 	fc := flagCompiler{c: c, f: f, path: path}
 	fc.compile(obj)
-	c.defs.flags = append(c.defs.flags, f)
+	if dup {
+		c.defs.flags[index] = f
+	} else {
+		c.defs.flags = append(c.defs.flags, f)
+	}
 	c.defs.byKey[key] = f
 }
 
@@ -333,16 +340,37 @@ func (fc *flagCompiler) decode(raw json.RawMessage, path string, dst any, what s
 	return true
 }
 
+// truthy reads a flag-level switch as posthog-python does: absent and null
+// are false, booleans are themselves, and other JSON values follow python's
+// truthiness (zero, "", [] and {} are false). A non-boolean is worth a warning
+// but is not malformed: PostHog's SDKs read it the same way.
+func (fc *flagCompiler) truthy(raw json.RawMessage, path string) bool {
+	if isNull(raw) {
+		return false
+	}
+	var b bool
+	if json.Unmarshal(raw, &b) == nil {
+		return b
+	}
+	v, err := ParseJSONValue(raw)
+	if err != nil {
+		fc.fail(path, "not valid JSON: %v", err)
+		return false
+	}
+	t := v.pythonTruthy()
+	fc.c.warn(path, fc.f.Key, "%s is not a boolean; read as %v, as PostHog's SDKs do", path[strings.LastIndexByte(path, '.')+1:], t)
+	return t
+}
+
 func (fc *flagCompiler) compile(obj rawObject) {
 	f, p := fc.f, fc.path
 	fc.decode(obj["id"], p+".id", &f.ID, "id is not an integer")
 	fc.decode(obj["name"], p+".name", &f.Name, "name is not a string")
 	fc.decode(obj["version"], p+".version", &f.Version, "version is not an integer")
-	if !isNull(obj["active"]) {
-		fc.decode(obj["active"], p+".active", &f.Active, "active is not a boolean")
-	}
-	fc.decode(obj["ensure_experience_continuity"], p+".ensure_experience_continuity", &f.ExperienceContinuity,
-		"ensure_experience_continuity is not a boolean")
+	// PostHog's SDKs test both with the language's truthiness (python's
+	// `if not flag.get("active")`): a missing or null active is inactive.
+	f.Active = fc.truthy(obj["active"], p+".active")
+	f.ExperienceContinuity = fc.truthy(obj["ensure_experience_continuity"], p+".ensure_experience_continuity")
 	if !isNull(obj["has_experiment"]) {
 		var b bool
 		if fc.decode(obj["has_experiment"], p+".has_experiment", &b, "has_experiment is not a boolean") {
