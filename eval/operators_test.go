@@ -2,6 +2,7 @@ package eval
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 )
@@ -146,8 +147,30 @@ func TestSemverOperatorsBeyondTheVectors(t *testing.T) {
 		{`{"key":"p","operator":"semver_wildcard","value":"1.2.3"}`, String("1.2.3"), "true"},
 		{`{"key":"p","operator":"semver_wildcard","value":"1.2.3"}`, String("1.2.4"), "false"},
 		{`{"key":"p","operator":"semver_wildcard","value":"*"}`, String("1.0.0"), "inconclusive"},
-		{`{"key":"p","operator":"semver_wildcard","value":"1.*.3"}`, String("1.0.3"), "inconclusive"},
-		{`{"key":"p","operator":"semver_eq","value":"1.2.3"}`, String("1..3"), "inconclusive"},
+		// Empty components are dropped from a wildcard: "1.*.3" is 1.3.x.
+		{`{"key":"p","operator":"semver_wildcard","value":"1.*.3"}`, String("1.0.3"), "false"},
+		{`{"key":"p","operator":"semver_wildcard","value":"1.*.3"}`, String("1.3.9"), "true"},
+		{`{"key":"p","operator":"semver_wildcard","value":"*.2"}`, String("2.5.0"), "true"},
+		{`{"key":"p","operator":"semver_wildcard","value":"1.2-beta.*"}`, String("1.2.0"), "inconclusive"},
+		// An empty minor or patch is 0 (ruling of 2026-12-02), on both sides.
+		{`{"key":"p","operator":"semver_eq","value":"1.2.3"}`, String("1..3"), "false"},
+		{`{"key":"p","operator":"semver_eq","value":"1.0.3"}`, String("1..3"), "true"},
+		{`{"key":"p","operator":"semver_eq","value":"2."}`, String("2.0.0"), "true"},
+		{`{"key":"p","operator":"semver_gt","value":"1..3"}`, String("1.0.4"), "true"},
+		{`{"key":"p","operator":"semver_eq","value":"1.2.3"}`, String(".2.3"), "inconclusive"},
+		// Digits are python's: other scripts' decimal digits count, with their
+		// values; superscripts (isdigit but not int()-able) do not.
+		{`{"key":"p","operator":"semver_eq","value":"1.2.3"}`, String("１.２.３"), "true"},
+		{`{"key":"p","operator":"semver_eq","value":"1.2.3"}`, String("١.٢.٣"), "true"},
+		{`{"key":"p","operator":"semver_eq","value":"1.0.0"}`, String("０1"), "true"},
+		{`{"key":"p","operator":"semver_eq","value":"1.0.0"}`, String("01"), "inconclusive"},
+		{`{"key":"p","operator":"semver_eq","value":"2.0.0"}`, String("²"), "inconclusive"},
+		// Every leading v goes, and white space as python's str.strip sees it.
+		{`{"key":"p","operator":"semver_eq","value":"vv1.2"}`, String("\u00a0\u001c1.2.0\u3000"), "true"},
+		{`{"key":"p","operator":"semver_eq","value":"1.2.0"}`, String("v 1.2"), "inconclusive"},
+		// python's int() refuses more than 4300 digits.
+		{`{"key":"p","operator":"semver_gt","value":"1.0.0"}`, String(strings.Repeat("9", 4300)), "true"},
+		{`{"key":"p","operator":"semver_gt","value":"1.0.0"}`, String(strings.Repeat("9", 4301)), "inconclusive"},
 	})
 }
 
