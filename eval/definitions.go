@@ -921,9 +921,11 @@ func (c *compiler) prepareOperator(flt *filter, opName, flagKey string) {
 		}
 		if n, unit, ok := parseRelativeDate(text); ok {
 			flt.relN, flt.relUnit = n, unit
-		} else if t, usesNow, ok := parseDate(text, time.Now().UTC()); ok {
+		} else if t, usesNow, ok := parseDate(text, time.Now().UTC()); ok && !usesNow {
 			flt.date = t
-			flt.dateUsesNow = usesNow
+		} else if _, _, ok := parseDate(text, time.Date(2001, 1, 1, 0, 0, 0, 0, time.UTC)); ok && usesNow {
+			// A bare year: completed from the evaluation's clock each time.
+			flt.dateUsesNow = true
 			flt.dateText = text
 		} else {
 			flt.dateInvalid = true

@@ -270,14 +270,16 @@ func (e *evaluation) matchDate(f *filter, ov *Value) (outcome, Reason) {
 	if !ok {
 		return outInconclusive, ReasonInvalidValue
 	}
-	var threshold time.Time
+	threshold := f.date
 	switch {
 	case f.relUnit != 0:
-		threshold = subtractRelative(now, f.relN, f.relUnit)
+		threshold, ok = subtractRelative(now, f.relN, f.relUnit)
 	case f.dateUsesNow:
-		threshold, _, _ = parseDate(f.dateText, now)
-	default:
-		threshold = f.date
+		// A bare year takes today's month and day, which can be 29 February.
+		threshold, _, ok = parseDate(f.dateText, now)
+	}
+	if !ok {
+		return outInconclusive, ReasonInvalidValue
 	}
 	if f.op == opDateBefore {
 		return boolOutcome(got.Before(threshold)), 0

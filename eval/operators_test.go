@@ -120,10 +120,19 @@ func TestDateOperators(t *testing.T) {
 	runOpCases(t, []opCase{
 		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("2022-04-30T23:59:59Z"), "true"},
 		{`{"key":"p","operator":"is_date_after","value":"2022-05-01T00:00:00+02:00"}`, String("2022-04-30 22:00:01"), "true"},
-		{`{"key":"p","operator":"is_date_after","value":"May 1, 2022"}`, String("2 May 2022"), "true"},
-		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("04/30/2022"), "true"},
 		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("20220430"), "true"},
-		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("2022-04-30 11:00 PM"), "true"},
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("2022-W17-6"), "true"}, // 30 April
+		{`{"key":"p","operator":"is_date_after","value":"2022-05-01 UTC"}`, String("2022-05-01T00:00:00.000001Z"), "true"},
+		{`{"key":"p","operator":"is_date_after","value":"2022-05-01T00:00 +01:00"}`, String("2022-04-30T23:00:01+00:00"), "true"},
+		// Only what posthog-python's parse_datetime (fromisoformat) reads.
+		{`{"key":"p","operator":"is_date_after","value":"May 1, 2022"}`, String("2022-05-02"), "inconclusive"},
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("04/30/2022"), "inconclusive"},
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("2022-04-30 11:00 PM"), "inconclusive"},
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("2022-04"), "inconclusive"},
+		{`{"key":"p","operator":"is_date_before","value":"2022-05-01"}`, String("2022-04-30T10:00z"), "inconclusive"},
+		// A bare year takes today's month and day (31 March here).
+		{`{"key":"p","operator":"is_date_before","value":"2022-04-01"}`, String("2022"), "true"},
+		{`{"key":"p","operator":"is_date_after","value":"2022-03-30"}`, String("２０２２"), "true"},
 		// One month before 31 March is 28 February (clamped), as dateutil does.
 		{`{"key":"p","operator":"is_date_after","value":"-1m"}`, String("2022-02-28T12:00:01Z"), "true"},
 		{`{"key":"p","operator":"is_date_after","value":"-1m"}`, String("2022-02-28T11:59:59Z"), "false"},
@@ -134,6 +143,12 @@ func TestDateOperators(t *testing.T) {
 		{`{"key":"p","operator":"is_date_before","value":"not a date"}`, String("2022-01-01"), "inconclusive"},
 		{`{"key":"p","operator":"is_date_before","value":"2022-02-30"}`, String("2022-01-01"), "inconclusive"},
 		{`{"key":"p","operator":"is_date_before","value":"10000d"}`, String("2022-01-01"), "inconclusive"},
+		// python's $ also matches before a final newline; nothing else is trimmed.
+		{`{"key":"p","operator":"is_date_after","value":"7d\n"}`, String("2022-03-25"), "true"},
+		{`{"key":"p","operator":"is_date_after","value":" 7d"}`, String("2022-03-25"), "inconclusive"},
+		// Beyond year 1 posthog-python gives up on a relative date.
+		{`{"key":"p","operator":"is_date_after","value":"2022y"}`, String("2022-03-25"), "inconclusive"},
+		{`{"key":"p","operator":"is_date_after","value":"2021y"}`, String("2022-03-25"), "true"},
 	})
 }
 
