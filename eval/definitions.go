@@ -3,7 +3,6 @@ package eval
 import (
 	"encoding/json"
 	"fmt"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -137,8 +136,9 @@ func (d *Definitions) Problems() []Problem { return d.problems }
 
 // Warnings lists what is well-formed but cannot be decided locally, or not as the
 // author may expect: experience continuity, static or malformed cohorts,
-// is_not_set, unknown operators, regexes RE2 cannot compile, unparseable dates
-// and versions.
+// is_not_set, unknown operators, regexes python's re rejects or only the
+// backtracking engine can run (see Flag.BacktrackingRegexes), unparseable
+// dates and versions, non-boolean switches.
 func (d *Definitions) Warnings() []Problem { return d.warnings }
 
 // GroupTypes returns the group type names by index, as sent by PostHog.
@@ -169,6 +169,33 @@ func (f *Flag) IsGroupFlag() (groupType string, ok bool) {
 
 // Broken returns why the flag's definition is malformed, or "".
 func (f *Flag) Broken() string { return f.broken }
+
+// BacktrackingRegexes returns the patterns of the flag's regex and not_regex
+// filters, its own and those of the cohorts it uses, that the backtracking
+// engine evaluates because RE2 cannot (look-arounds, back-references,
+// conditionals, atomic groups, possessive repeats, repetition counts over
+// 1000). Each such match may take up to RegexMatchTimeout, after which the
+// filter is inconclusive with ReasonRegexTimeout. Patterns are listed once, in
+// document order; nil when there are none. Patterns RE2 runs are not listed,
+// even though the few values on which RE2's meaning differs from python's (a
+// value ending in a newline for "$", a non-ASCII value for \b) go to the
+// backtracking engine.
+func (f *Flag) BacktrackingRegexes() []string {
+	var out []string
+	f.forEachFilter(func(flt *filter) {
+		if flt.kind != filterProperty || (flt.op != opRegex && flt.op != opNotRegex) || flt.re.state != regexBacktrack {
+			return
+		}
+		pattern := flt.value.Text()
+		for _, seen := range out {
+			if seen == pattern {
+				return
+			}
+		}
+		out = append(out, pattern)
+	})
+	return out
+}
 
 // Override returns the runtime override applied to this flag, if any.
 func (f *Flag) Override() *Override { return f.override }
@@ -905,11 +932,16 @@ func (c *compiler) prepareOperator(flt *filter, opName, flagKey string) {
 	case opIContains, opNotIContains, opStartsWith, opNotStartsWith, opEndsWith, opNotEndsWith:
 		flt.lower = asciiLower(v.Text())
 	case opRegex, opNotRegex:
-		re, err := regexp.Compile(v.Text())
-		if err != nil {
-			c.warn(flt.path+".value", flagKey, "regex %q does not compile under RE2 (%v); it never matches", v.Text(), err)
-		} else {
-			flt.re = re
+		var why string
+		flt.re, why = compileRegex(v.Text())
+		switch flt.re.state {
+		case regexInvalid:
+			c.warn(flt.path+".value", flagKey, "regex %q is not a valid python regular expression (%s); it never matches", v.Text(), why)
+		case regexUnsupported:
+			c.warn(flt.path+".value", flagKey, "regex %q cannot be evaluated locally (%s)", v.Text(), why)
+		case regexBacktrack:
+			c.warn(flt.path+".value", flagKey, "regex %q needs the backtracking engine (RE2 cannot run it); each match may take up to %v, beyond which the filter is inconclusive (%s)",
+				v.Text(), RegexMatchTimeout, ReasonRegexTimeout)
 		}
 	case opGT, opGTE, opLT, opLTE:
 		flt.num, flt.numOK = v.Number()
@@ -1082,6 +1114,9 @@ func (f *Flag) estimateCost() int {
 			switch flt.op {
 			case opRegex, opNotRegex:
 				cost += 120
+				if flt.re.state == regexBacktrack {
+					cost += backtrackingRegexCost
+				}
 			case opDateBefore, opDateAfter:
 				cost += 70
 			case opSemverEq, opSemverNeq, opSemverGT, opSemverGTE, opSemverLT, opSemverLTE,

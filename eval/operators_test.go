@@ -88,15 +88,84 @@ func TestStringOperatorsLowerASCIIOnly(t *testing.T) {
 	})
 }
 
+// TestRegexOperators: python's re.search, whichever engine runs the pattern.
+// Every expectation is what Python 3.11's re answers (an invalid pattern is
+// false for both operators; one re.compile raises on otherwise is
+// inconclusive, as in posthog-python).
 func TestRegexOperators(t *testing.T) {
 	runOpCases(t, []opCase{
-		{`{"key":"p","operator":"regex","value":"^v[0-9]+$"}`, String("v12"), "true"},
-		{`{"key":"p","operator":"regex","value":"b"}`, String("abc"), "true"}, // search, not full match
-		{`{"key":"p","operator":"not_regex","value":"b"}`, String("abc"), "false"},
-		// Patterns RE2 cannot compile (look-arounds, back-references) never match.
-		{`{"key":"p","operator":"regex","value":"(?=a)a"}`, String("a"), "false"},
-		{`{"key":"p","operator":"not_regex","value":"(a)\\1"}`, String("b"), "false"},
-		{`{"key":"p","operator":"regex","value":"["}`, String("["), "false"},
+		{`{"key": "p", "operator": "regex", "value": "^v[0-9]+$"}`, String("v12"), "true"},
+		{`{"key": "p", "operator": "not_regex", "value": "^v[0-9]+$"}`, String("v12"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "b"}`, String("abc"), "true"}, // search, not full match
+		{`{"key": "p", "operator": "not_regex", "value": "b"}`, String("abc"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(?=a)a"}`, String("a"), "true"}, // look-ahead: RE2 refuses it, python evaluates it
+		{`{"key": "p", "operator": "not_regex", "value": "(?=a)a"}`, String("a"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(?<!x)y"}`, String("xy"), "false"},
+		{`{"key": "p", "operator": "not_regex", "value": "(?<!x)y"}`, String("xy"), "true"},
+		{`{"key": "p", "operator": "regex", "value": "(?<=@)example\\.com$"}`, String("jane@example.com"), "true"}, // look-behind
+		{`{"key": "p", "operator": "not_regex", "value": "(?<=@)example\\.com$"}`, String("jane@example.com"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(a)\\1"}`, String("aa"), "true"}, // back-reference
+		{`{"key": "p", "operator": "not_regex", "value": "(a)\\1"}`, String("aa"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(?P<d>\\d)(?P=d)"}`, String("a11"), "true"},
+		{`{"key": "p", "operator": "not_regex", "value": "(?P<d>\\d)(?P=d)"}`, String("a11"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(a|b){1001}"}`, String(strings.Repeat("ab", 501)), "true"}, // more than RE2's 1000 repetitions
+		{`{"key": "p", "operator": "not_regex", "value": "(a|b){1001}"}`, String(strings.Repeat("ab", 501)), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(a|b){1001}"}`, String(strings.Repeat("ab", 500)), "false"},
+		{`{"key": "p", "operator": "not_regex", "value": "(a|b){1001}"}`, String(strings.Repeat("ab", 500)), "true"},
+		{`{"key": "p", "operator": "regex", "value": "a++a"}`, String("aaa"), "false"}, // possessive: gives nothing back
+		{`{"key": "p", "operator": "not_regex", "value": "a++a"}`, String("aaa"), "true"},
+		{`{"key": "p", "operator": "regex", "value": "(?>a+)b"}`, String("aab"), "true"}, // atomic group
+		{`{"key": "p", "operator": "not_regex", "value": "(?>a+)b"}`, String("aab"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(?>x+){2}"}`, String("xx"), "false"},
+		{`{"key": "p", "operator": "not_regex", "value": "(?>x+){2}"}`, String("xx"), "true"},
+		{`{"key": "p", "operator": "regex", "value": "(a)?(?(1)b|c)"}`, String("c"), "true"}, // conditional
+		{`{"key": "p", "operator": "not_regex", "value": "(a)?(?(1)b|c)"}`, String("c"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "abc$"}`, String("abc\n"), "true"}, // python's $ also matches before a final newline
+		{`{"key": "p", "operator": "not_regex", "value": "abc$"}`, String("abc\n"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "abc\\Z"}`, String("abc\n"), "false"}, // \Z is the very end
+		{`{"key": "p", "operator": "not_regex", "value": "abc\\Z"}`, String("abc\n"), "true"},
+		{`{"key": "p", "operator": "regex", "value": "^a$"}`, String("a\nb"), "false"},
+		{`{"key": "p", "operator": "not_regex", "value": "^a$"}`, String("a\nb"), "true"},
+		{`{"key": "p", "operator": "regex", "value": "^\\d+$"}`, String("١٢٣"), "true"}, // \d is any decimal digit
+		{`{"key": "p", "operator": "not_regex", "value": "^\\d+$"}`, String("١٢٣"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(?a)^\\d+$"}`, String("١٢٣"), "false"}, // ASCII mode
+		{`{"key": "p", "operator": "not_regex", "value": "(?a)^\\d+$"}`, String("١٢٣"), "true"},
+		{`{"key": "p", "operator": "regex", "value": "^\\w+$"}`, String("é_9"), "true"},
+		{`{"key": "p", "operator": "not_regex", "value": "^\\w+$"}`, String("é_9"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "\\s"}`, String("　"), "true"},
+		{`{"key": "p", "operator": "not_regex", "value": "\\s"}`, String("　"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "\\s"}`, String("\u001c"), "true"}, // python's \s includes \x1c-\x1f
+		{`{"key": "p", "operator": "not_regex", "value": "\\s"}`, String("\u001c"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "\\b\u00e9"}`, String("é"), "true"}, // python's \b is Unicode
+		{`{"key": "p", "operator": "not_regex", "value": "\\b\u00e9"}`, String("é"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "a\\b"}`, String("aé"), "false"},
+		{`{"key": "p", "operator": "not_regex", "value": "a\\b"}`, String("aé"), "true"},
+		{`{"key": "p", "operator": "regex", "value": "\\B"}`, String(""), "false"}, // python's \B never matches the empty string
+		{`{"key": "p", "operator": "not_regex", "value": "\\B"}`, String(""), "true"},
+		{`{"key": "p", "operator": "regex", "value": "x{,2}y"}`, String("xxy"), "true"}, // {,n} is a repetition
+		{`{"key": "p", "operator": "not_regex", "value": "x{,2}y"}`, String("xxy"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(?x) a b  # comment"}`, String("ab"), "true"}, // verbose mode
+		{`{"key": "p", "operator": "not_regex", "value": "(?x) a b  # comment"}`, String("ab"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(?i)STRASSE"}`, String("strasse"), "true"},
+		{`{"key": "p", "operator": "not_regex", "value": "(?i)STRASSE"}`, String("strasse"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "[\\d-z]"}`, String("-"), "false"}, // python rejects a range from a class
+		{`{"key": "p", "operator": "not_regex", "value": "[\\d-z]"}`, String("-"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "\\pL"}`, String("a"), "false"}, // python has no \p
+		{`{"key": "p", "operator": "not_regex", "value": "\\pL"}`, String("a"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(?<n>x)"}`, String("x"), "false"}, // python 3.11 has no (?<name>
+		{`{"key": "p", "operator": "not_regex", "value": "(?<n>x)"}`, String("x"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "a(?i)b"}`, String("ab"), "false"}, // global flags must come first
+		{`{"key": "p", "operator": "not_regex", "value": "a(?i)b"}`, String("ab"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "\\z"}`, String(""), "false"}, // python has no \z
+		{`{"key": "p", "operator": "not_regex", "value": "\\z"}`, String(""), "false"},
+		{`{"key": "p", "operator": "regex", "value": "["}`, String("["), "false"},
+		{`{"key": "p", "operator": "not_regex", "value": "["}`, String("["), "false"},
+		{`{"key": "p", "operator": "regex", "value": "(?<=a+)b"}`, String("ab"), "false"}, // python needs a fixed-width look-behind
+		{`{"key": "p", "operator": "not_regex", "value": "(?<=a+)b"}`, String("ab"), "false"},
+		{`{"key": "p", "operator": "regex", "value": "a{4294967295}"}`, String("a"), "inconclusive"}, // python raises OverflowError: inconclusive
+		{`{"key": "p", "operator": "not_regex", "value": "a{4294967295}"}`, String("a"), "inconclusive"},
+		{`{"key": "p", "operator": "regex", "value": "(?a)(?u)x"}`, String("x"), "inconclusive"}, // python raises ValueError: inconclusive
+		{`{"key": "p", "operator": "not_regex", "value": "(?a)(?u)x"}`, String("x"), "inconclusive"},
 	})
 }
 
