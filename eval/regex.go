@@ -657,9 +657,3 @@ func (w *regexWriter) hexChar(r rune) {
 	}
 	w.str(fmt.Sprintf(`\u%04x`, r))
 }
-
-// backtrackingRegexCost is what a regex filter on the backtracking engine
-// adds to a flag's cost estimate (ns): BenchmarkLookaroundRegexFilter less
-// BenchmarkRE2RegexFilter is about 150 ns on a 20-character value, and the
-// engine's cost grows faster with the value than RE2's.
-const backtrackingRegexCost = 200
