@@ -127,6 +127,71 @@ func BenchmarkMultivariateFlag(b *testing.B) { benchmarkSet(b, benchMultivariate
 // BenchmarkFivePropertyFilters: exact (list), icontains, regex, gt, semver_gte.
 func BenchmarkFivePropertyFilters(b *testing.B) { benchmarkSet(b, benchFiveFilters, benchPerson) }
 
+const (
+	// The same test, "the email's domain is example.com", written for RE2 and
+	// with a look-behind, which only the backtracking engine runs.
+	benchRE2Regex = `{"flags": [{"id": 4, "key": "regex-flag", "active": true,
+	"filters": {"groups": [{"properties": [
+		{"key": "email", "operator": "regex", "value": "(?i)@example\\.com$", "type": "person"}
+	], "rollout_percentage": 80}]}}]}`
+	benchLookaroundRegex = `{"flags": [{"id": 5, "key": "lookaround-flag", "active": true,
+	"filters": {"groups": [{"properties": [
+		{"key": "email", "operator": "regex", "value": "(?i)(?<=@)example\\.com$", "type": "person"}
+	], "rollout_percentage": 80}]}}]}`
+	// Exponential backtracking on any value without a "y": every evaluation
+	// runs out of RegexMatchTimeout, twice.
+	benchPathologicalRegex = `{"flags": [{"id": 6, "key": "pathological-flag", "active": true,
+	"filters": {"groups": [{"properties": [
+		{"key": "path", "operator": "regex", "value": "(x+x+)+y(?=z)", "type": "person"}
+	], "rollout_percentage": 80}]}}]}`
+)
+
+// benchmarkRegexSet is benchmarkSet for a one-flag document, after checking
+// that the flag's filter gives the expected kind of answer.
+func benchmarkRegexSet(b *testing.B, doc string, person Properties, want Reason) {
+	d := mustParse(b, doc)
+	f := d.Flags()[0]
+	n := 16
+	if want.Inconclusive() {
+		n = 1
+	}
+	matched := 0
+	for _, id := range benchIDs[:n] {
+		r := d.EvaluateFlag(f, &Subject{DistinctID: id, Person: person})
+		switch {
+		case r.Reason == want:
+			matched++
+		case want == ReasonConditionMatch && r.Reason == ReasonNoConditionMatch:
+			// outside the 80 % rollout
+		default:
+			b.Fatalf("%s for %s: got %s, want %s", f.Key, id, r.Reason, want)
+		}
+	}
+	if matched == 0 {
+		b.Fatalf("%s: no subject got %s", f.Key, want)
+	}
+	benchmarkSet(b, doc, person)
+}
+
+// BenchmarkRE2RegexFilter: one regex filter RE2 runs (the baseline for the
+// look-around benchmark below).
+func BenchmarkRE2RegexFilter(b *testing.B) {
+	benchmarkRegexSet(b, benchRE2Regex, benchPerson, ReasonConditionMatch)
+}
+
+// BenchmarkLookaroundRegexFilter: the same filter with a look-behind, on the
+// backtracking engine.
+func BenchmarkLookaroundRegexFilter(b *testing.B) {
+	benchmarkRegexSet(b, benchLookaroundRegex, benchPerson, ReasonConditionMatch)
+}
+
+// BenchmarkPathologicalRegexFilter: a catastrophically backtracking pattern,
+// bounded by RegexMatchTimeout; the answer is inconclusive (regex_timeout).
+func BenchmarkPathologicalRegexFilter(b *testing.B) {
+	person := Properties{{Key: "path", Value: String(strings.Repeat("x", 40))}}
+	benchmarkRegexSet(b, benchPathologicalRegex, person, ReasonRegexTimeout)
+}
+
 // BenchmarkFiftyFlags: 50 mixed flags for one subject.
 func BenchmarkFiftyFlags(b *testing.B) { benchmarkSet(b, fiftyFlags(), benchPerson) }
 

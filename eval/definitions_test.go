@@ -2,6 +2,7 @@ package eval
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -64,8 +65,12 @@ func TestMalformedFlagsAreReportedByPathAndTheRestServes(t *testing.T) {
 		t.Errorf("problems: %v", d.Problems())
 	}
 	s := &Subject{DistinctID: "u"}
-	if r := d.Evaluate("good", s); !r.Enabled {
-		t.Errorf("good flag: %s", r.Reason)
+	// PostHog's SDKs index flags by key: the later "good" replaces the first.
+	if r := d.Evaluate("good", s); r.Enabled || r.Reason != ReasonDisabled {
+		t.Errorf("duplicate key: got %s (%s), want the last definition's false (flag_disabled)", r.Value(), r.Reason)
+	}
+	if f, _ := d.Flag("good"); f.Index() != 0 || d.Len() != 5 {
+		t.Errorf("the replacing definition keeps the first one's place: index %d of %d flags", f.Index(), d.Len())
 	}
 	for _, key := range []string{"bad-rollout", "bad-props", "bad-variants"} {
 		if r := d.Evaluate(key, s); r.Reason != ReasonInvalidDefinition || r.Enabled {
@@ -76,8 +81,9 @@ func TestMalformedFlagsAreReportedByPathAndTheRestServes(t *testing.T) {
 			t.Errorf("%s: Broken() is empty", key)
 		}
 	}
-	if r := d.Evaluate("deleted", s); r.Reason != ReasonUnknownFlag {
-		t.Errorf("a deleted flag must be absent, got %s", r.Reason)
+	// Neither SDK reads "deleted" (ruling of 2026-12-02).
+	if r := d.Evaluate("deleted", s); !r.Enabled || r.Reason != ReasonConditionMatch {
+		t.Errorf("a flag marked deleted is evaluated as usual, got %s (%s)", r.Value(), r.Reason)
 	}
 }
 
@@ -267,5 +273,49 @@ func TestNeverLocal(t *testing.T) {
 		if (w == "") != (got == "") || !strings.Contains(got, w) {
 			t.Errorf("%s: NeverLocal() = %q, want %q", key, got, w)
 		}
+	}
+}
+
+func TestActiveAndContinuityAreReadWithPythonTruthiness(t *testing.T) {
+	flag := func(key, field, raw string) string {
+		return fmt.Sprintf(`{"key": %q, %s "filters": {"groups": [{"rollout_percentage": 100}]}}`, key, field+raw)
+	}
+	cases := []struct {
+		active string // the "active" member, "" for none
+		want   Reason
+	}{
+		{``, ReasonDisabled},
+		{`"active": null,`, ReasonDisabled},
+		{`"active": false,`, ReasonDisabled},
+		{`"active": 0,`, ReasonDisabled},
+		{`"active": "",`, ReasonDisabled},
+		{`"active": [],`, ReasonDisabled},
+		{`"active": {},`, ReasonDisabled},
+		{`"active": true,`, ReasonConditionMatch},
+		{`"active": 1,`, ReasonConditionMatch},
+		{`"active": "false",`, ReasonConditionMatch}, // a non-empty string is true in python
+	}
+	var flags []string
+	for i, c := range cases {
+		flags = append(flags, flag(fmt.Sprint("f", i), c.active, ""))
+	}
+	flags = append(flags,
+		flag("continuity-null", `"active": true, "ensure_experience_continuity": null,`, ""),
+		flag("continuity-one", `"active": true, "ensure_experience_continuity": 1,`, ""))
+	d := mustParse(t, `{"flags": [`+strings.Join(flags, ",")+`]}`)
+	if len(d.Problems()) != 0 {
+		t.Errorf("non-boolean switches are not malformed: %v", d.Problems())
+	}
+	s := &Subject{DistinctID: "u"}
+	for i, c := range cases {
+		if r := d.Evaluate(fmt.Sprint("f", i), s); r.Reason != c.want {
+			t.Errorf("%s: got %s (%s), want %s", c.active, r.Value(), r.Reason, c.want)
+		}
+	}
+	if r := d.Evaluate("continuity-null", s); r.Reason != ReasonConditionMatch {
+		t.Errorf("ensure_experience_continuity null: got %s", r.Reason)
+	}
+	if r := d.Evaluate("continuity-one", s); r.Reason != ReasonExperienceContinuity {
+		t.Errorf("ensure_experience_continuity 1: got %s", r.Reason)
 	}
 }

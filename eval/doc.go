@@ -9,6 +9,11 @@
 // swaps definitions atomically, and a Cache keeps recent answers per subject,
 // keyed by the definitions' generation so a swap invalidates it without a flush.
 //
+// Regex filters mean what python's re.search makes of them: RE2 runs every
+// pattern it can express, and a backtracking engine, bounded by
+// RegexMatchTimeout, runs the rest (look-arounds, back-references and the
+// like; see Flag.BacktrackingRegexes).
+//
 // Where PostHog's implementations disagree, this package follows the decisions
 // in the project's conformance vectors: numeric comparison when both sides are
 // numbers, the flags service's string matching (full Unicode lower-casing for

@@ -472,7 +472,7 @@ func (e *evaluation) dependency(flt *filter) (outcome, Reason) {
 		}
 		r := e.dependencyValue(e.defs.flags[dep])
 		if r.inconclusive() {
-			return outInconclusive, r.reason
+			return dependencyOutcome(r)
 		}
 		if dep == flt.depTarget {
 			target, found = r, true
@@ -484,7 +484,7 @@ func (e *evaluation) dependency(flt *filter) (outcome, Reason) {
 		}
 		target = e.dependencyValue(e.defs.flags[flt.depTarget])
 		if target.inconclusive() {
-			return outInconclusive, target.reason
+			return dependencyOutcome(target)
 		}
 	}
 	want := flt.value
@@ -499,6 +499,18 @@ func (e *evaluation) dependency(flt *filter) (outcome, Reason) {
 		return outFalse, 0
 	}
 	return boolOutcome(want.kind == KindBool && want.b == target.enabled), 0
+}
+
+// dependencyOutcome is what an inconclusive dependency makes of the filter
+// naming it: inconclusive, or, when the dependency needs PostHog's server (a
+// static or malformed cohort), the whole flag needs it too. Both SDKs let
+// RequiresServerEvaluation escape a dependency's evaluation, so a later
+// condition that would match does not rescue the flag.
+func dependencyOutcome(a answer) (outcome, Reason) {
+	if a.reason == ReasonStaticCohort || a.reason == ReasonMalformedCohort {
+		return outRequiresServer, a.reason
+	}
+	return outInconclusive, a.reason
 }
 
 func (e *evaluation) dependencyValue(f *Flag) answer {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"runtime/debug"
 	"sort"
@@ -449,7 +448,14 @@ func describe(r eval.Result) string {
 		r.Key, r.Enabled, r.Variant, r.Value(), r.Reason, r.Condition, payload)
 }
 
+// sameResult compares two answers for the same flag and subject. A regex
+// match that ran out of time (regex_timeout) stands for any answer: whether a
+// backtracking match finishes within RegexMatchTimeout depends on the
+// machine's load, not on the input alone.
 func sameResult(a, b eval.Result) bool {
+	if a.Key == b.Key && (a.Reason == eval.ReasonRegexTimeout || b.Reason == eval.ReasonRegexTimeout) {
+		return true
+	}
 	if a.Key != b.Key || a.Enabled != b.Enabled || a.Variant != b.Variant || a.Reason != b.Reason || a.Condition != b.Condition {
 		return false
 	}
@@ -1019,10 +1025,12 @@ func checkOperator(c *checker, op, filterValueJSON, propertyValue, distinctID st
 		}
 	}
 
-	regexCompiles := false
-	if filterErr == nil {
-		_, reErr := regexp.Compile(filterValue.Text())
-		regexCompiles = reErr == nil
+	// A pattern python's re rejects answers false for regex and not_regex.
+	regexValid := true
+	for _, w := range defs.Warnings() {
+		if strings.Contains(w.Message, "not a valid python regular expression") {
+			regexValid = false
+		}
 	}
 
 	// One cache for every subject: they share the distinct id, so only their
@@ -1051,6 +1059,11 @@ func checkOperator(c *checker, op, filterValueJSON, propertyValue, distinctID st
 		direct := checkSubject(c, defs, s)
 		sharedRes := cacheEvaluate(shared, set, s)
 		checkResults(c, defs, s, "cache shared by subjects with one distinct id ("+sub.name+")", set, &sharedRes, set.Keys(), direct)
+		if anyTimedOut(direct) {
+			// The flags below are compared with each other; one whose regex
+			// match ran out of time says nothing about the others.
+			continue
+		}
 		where := func(key string) string {
 			return fmt.Sprintf("%s, flag %s (operator %q, filter value %s)", sub.name, key, op, raw)
 		}
@@ -1156,7 +1169,7 @@ func checkOperator(c *checker, op, filterValueJSON, propertyValue, distinctID st
 			}
 			regexPair := op == "regex" || op == "not_regex"
 			if sub.p != nil && !sub.p.IsNull() && !neg.Inconclusive() && !all.Inconclusive() &&
-				(!regexPair || regexCompiles) && neg.Enabled == all.Enabled {
+				(!regexPair || regexValid) && neg.Enabled == all.Enabled {
 				c.errorf("%s: complementary operator %q answers the same: %s and f-all %s",
 					where("f-neg"), complementOps[op], describe(neg), describe(all))
 			}
@@ -1168,6 +1181,15 @@ func checkOperator(c *checker, op, filterValueJSON, propertyValue, distinctID st
 			c.errorf("%s: property %s against its own value: %s, want %s", where("f-all"), sub.p.Text(), describe(all), sub.expect)
 		}
 	}
+}
+
+func anyTimedOut(results map[string]eval.Result) bool {
+	for _, r := range results {
+		if r.Reason == eval.ReasonRegexTimeout {
+			return true
+		}
+	}
+	return false
 }
 
 // allCache is a cache that keeps every set's answers, however cheap the set,
@@ -1183,4 +1205,110 @@ func cacheEvaluate(c *eval.Cache, set *eval.FlagSet, s *eval.Subject) eval.Resul
 	var r eval.Results
 	c.Evaluate(set, s, &r)
 	return r
+}
+
+// ---------------------------------------------------------------------------
+// FuzzRegexFallback
+
+// regexSlack is what a regex filter's evaluation may take beyond its budget
+// (two attempts of RegexMatchTimeout, see regex.go) before it counts as a
+// stall: far below any runaway backtracking, far above scheduling noise on a
+// loaded machine or under the race detector.
+const regexSlack = 500 * time.Millisecond
+
+// FuzzRegexFallback: any pattern and value evaluate through the regex and
+// not_regex operators without panicking, within the match-time budget, and
+// the two operators agree with each other. Seeded with patterns whose
+// backtracking is exponential.
+//
+//	go test -run '^$' -fuzz '^FuzzRegexFallback$' -fuzztime 60s ./eval/
+func FuzzRegexFallback(f *testing.F) {
+	long := strings.Repeat("a", 5000)
+	for _, seed := range []struct{ pattern, value string }{
+		{`(a+)+$`, strings.Repeat("a", 40) + "!"},
+		{`(a+)+$`, strings.Repeat("a", 40) + "!\n"}, // a final newline sends "$" to the backtracking engine
+		{`(a|aa)+b`, strings.Repeat("a", 60)},
+		{`(?=(a+))\1`, long},
+		{`(?=(a+)+$)x`, strings.Repeat("a", 40) + "!"},
+		{`(.*a){20}`, strings.Repeat("a", 40)},
+		{`(.*a){20}(?=b)`, long},
+		{`(a|b){1001}`, strings.Repeat("ab", 600)},
+		{`(a|b){1001}c`, strings.Repeat("ab", 2000)},
+		{`(x+x+)+y(?=z)`, strings.Repeat("x", 50)},
+		{`^(\w+\s?)*$(?<!!)`, strings.Repeat("word ", 30) + "!"},
+		{`(?<=@)example\.com$`, "jane@example.com"},
+		{`\bé\b`, "é"},
+		{`(?i)(?x) a + (?# comment) b`, "AAB"},
+		{`[`, "["},
+		{`a{4294967295}`, "a"},
+		{`\N{EM DASH}`, "—"},
+	} {
+		f.Add(seed.pattern, seed.value)
+	}
+	f.Fuzz(func(t *testing.T, pattern, value string) {
+		// RE2's linear time still grows with pattern × value; keep each
+		// input's work small enough that time measures backtracking only.
+		if len(pattern)*max(len(value), 1) > 1<<20 {
+			return
+		}
+		patternJSON, _ := json.Marshal(pattern)
+		doc := `{"flags": [
+			{"key": "re", "active": true, "filters": {"groups": [{"properties": [{"key": "p", "operator": "regex", "value": ` + string(patternJSON) + `}]}]}},
+			{"key": "not-re", "active": true, "filters": {"groups": [{"properties": [{"key": "p", "operator": "not_regex", "value": ` + string(patternJSON) + `}]}]}}]}`
+		defs, err := eval.Parse([]byte(doc))
+		if err != nil {
+			t.Fatalf("Parse: %v", err)
+		}
+		valid := true
+		for _, w := range defs.Warnings() {
+			if strings.Contains(w.Message, "not a valid python regular expression") {
+				valid = false
+			}
+		}
+		reFlag, _ := defs.Flag("re")
+		backtracking := len(reFlag.BacktrackingRegexes()) > 0
+		s := &eval.Subject{DistinctID: "u", Person: eval.Properties{{Key: "p", Value: eval.String(value)}}}
+		var results [2]eval.Result
+		for i, key := range []string{"re", "not-re"} {
+			start := time.Now()
+			results[i] = defs.Evaluate(key, s)
+			if elapsed := time.Since(start); elapsed > 2*eval.RegexMatchTimeout+regexSlack {
+				t.Fatalf("%s %q on %s took %v (budget %v per attempt)", key, pattern, quoteInput(value), elapsed, eval.RegexMatchTimeout)
+			}
+			r := results[i]
+			switch {
+			case r.Reason == eval.ReasonRegexTimeout:
+				// Only the backtracking engine runs out of time: a pattern
+				// RE2 cannot run, or a value RE2 reads differently from python.
+				guarded := value == "" || strings.HasSuffix(value, "\n") || !isASCII(value)
+				if !backtracking && !guarded {
+					t.Errorf("%s %q on %s: regex_timeout from a pattern RE2 runs", key, pattern, quoteInput(value))
+				}
+			case r.Inconclusive() && r.Reason != eval.ReasonInvalidValue:
+				t.Errorf("%s %q on %s: inconclusive for %s", key, pattern, quoteInput(value), r.Reason)
+			}
+		}
+		re, notRe := results[0], results[1]
+		if re.Inconclusive() || notRe.Inconclusive() {
+			if re.Reason == eval.ReasonInvalidValue != (notRe.Reason == eval.ReasonInvalidValue) {
+				t.Errorf("%q: a pattern local evaluation cannot run must be so for both operators: %s, %s", pattern, describe(re), describe(notRe))
+			}
+			return
+		}
+		switch {
+		case !valid && (re.Enabled || notRe.Enabled):
+			t.Errorf("%q is invalid, yet regex %v, not_regex %v", pattern, re.Enabled, notRe.Enabled)
+		case valid && re.Enabled == notRe.Enabled:
+			t.Errorf("%q on %s: regex and not_regex both %v", pattern, quoteInput(value), re.Enabled)
+		}
+	})
+}
+
+func isASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] >= utf8.RuneSelf {
+			return false
+		}
+	}
+	return true
 }

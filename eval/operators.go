@@ -1,7 +1,6 @@
 package eval
 
 import (
-	"regexp"
 	"time"
 )
 
@@ -102,7 +101,7 @@ type filter struct {
 	lower     string   // lower-cased value (Unicode for exact, ASCII for contains & co)
 	lowerList []string // lower-cased list elements for exact against a list
 
-	re *regexp.Regexp // nil: pattern RE2 cannot compile, which never matches
+	re compiledRegex // regex, not_regex
 
 	num   float64 // gt & co: the filter value as a number
 	numOK bool
@@ -186,10 +185,15 @@ func (e *evaluation) matchProperty(f *filter, ov *Value) (outcome, Reason) {
 	case opNotEndsWith:
 		return boolOutcome(!hasSuffixASCIIFold(ov.Text(), f.lower)), 0
 	case opRegex:
-		return boolOutcome(f.re != nil && f.re.MatchString(ov.Text())), 0
+		if re := f.re.re2For(ov.Text()); re != nil {
+			return boolOutcome(re.MatchString(ov.Text())), 0
+		}
+		return matchRegex(f, ov, false)
 	case opNotRegex:
-		// An invalid pattern is false for both operators.
-		return boolOutcome(f.re != nil && !f.re.MatchString(ov.Text())), 0
+		if re := f.re.re2For(ov.Text()); re != nil {
+			return boolOutcome(!re.MatchString(ov.Text())), 0
+		}
+		return matchRegex(f, ov, true)
 	case opGT, opGTE, opLT, opLTE:
 		return boolOutcome(compareOrdered(f, ov)), 0
 	case opDateBefore, opDateAfter:
@@ -199,6 +203,20 @@ func (e *evaluation) matchProperty(f *filter, ov *Value) (outcome, Reason) {
 		return matchSemver(f, ov)
 	}
 	return outInconclusive, ReasonUnknownOperator
+}
+
+// matchRegex is regex (negated: not_regex) where RE2 does not answer: an
+// invalid pattern is false for both operators, a match the backtracking
+// engine cannot finish is inconclusive.
+func matchRegex(f *filter, ov *Value, negated bool) (outcome, Reason) {
+	if f.re.state == regexInvalid {
+		return outFalse, 0
+	}
+	m, reason := f.re.match(ov.Text())
+	if reason != 0 {
+		return outInconclusive, reason
+	}
+	return boolOutcome(m != negated), 0
 }
 
 func boolOutcome(b bool) outcome {
@@ -270,14 +288,16 @@ func (e *evaluation) matchDate(f *filter, ov *Value) (outcome, Reason) {
 	if !ok {
 		return outInconclusive, ReasonInvalidValue
 	}
-	var threshold time.Time
+	threshold := f.date
 	switch {
 	case f.relUnit != 0:
-		threshold = subtractRelative(now, f.relN, f.relUnit)
+		threshold, ok = subtractRelative(now, f.relN, f.relUnit)
 	case f.dateUsesNow:
-		threshold, _, _ = parseDate(f.dateText, now)
-	default:
-		threshold = f.date
+		// A bare year takes today's month and day, which can be 29 February.
+		threshold, _, ok = parseDate(f.dateText, now)
+	}
+	if !ok {
+		return outInconclusive, ReasonInvalidValue
 	}
 	if f.op == opDateBefore {
 		return boolOutcome(got.Before(threshold)), 0

@@ -112,8 +112,9 @@ const (
 	ReasonUnknownOperator
 	// ReasonIsNotSet: is_not_set cannot be decided from partial properties.
 	ReasonIsNotSet
-	// ReasonInvalidValue: a date or version that cannot be parsed, or a value
-	// of a type the operator cannot compare.
+	// ReasonInvalidValue: a date or version that cannot be parsed, a value
+	// of a type the operator cannot compare, or a regex posthog-python cannot
+	// compile without raising something other than re.error.
 	ReasonInvalidValue
 	// ReasonMissingGroupType: the flag's group type index is not in
 	// group_type_mapping.
@@ -131,6 +132,10 @@ const (
 	// evaluates nothing without one; bucketing every anonymous request on the
 	// empty id would put them all in the same variant.
 	ReasonMissingDistinctID
+	// ReasonRegexTimeout: a regex filter's pattern needs the backtracking
+	// engine and the match ran out of its time (RegexMatchTimeout), as
+	// catastrophic backtracking does.
+	ReasonRegexTimeout
 	reasonCount
 )
 
@@ -157,6 +162,7 @@ var reasonNames = [reasonCount]string{
 	ReasonMissingDependency:    "missing_dependency",
 	ReasonInvalidDefinition:    "invalid_definition",
 	ReasonMissingDistinctID:    "missing_distinct_id",
+	ReasonRegexTimeout:         "regex_timeout",
 }
 
 // String returns the reason's snake_case name, as used in metrics and JSON.

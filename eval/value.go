@@ -450,3 +450,21 @@ func (v Value) boolLike() bool {
 	}
 	return false
 }
+
+// pythonTruthy is python's bool() of the value as json.loads would build it:
+// null, false, zero, "" and empty lists and objects are false.
+func (v Value) pythonTruthy() bool {
+	switch v.kind {
+	case KindBool:
+		return v.b
+	case KindNumber:
+		return v.num != 0
+	case KindString:
+		return v.text != ""
+	case KindList:
+		return len(v.list) > 0
+	case KindObject:
+		return v.text != "{}"
+	}
+	return false
+}

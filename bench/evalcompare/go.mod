@@ -9,4 +9,7 @@ require (
 	github.com/posthog/posthog-go v1.5.2
 )
 
-require github.com/hashicorp/golang-lru/v2 v2.0.7 // indirect
+require (
+	github.com/dlclark/regexp2 v1.12.0 // indirect
+	github.com/hashicorp/golang-lru/v2 v2.0.7 // indirect
+)
