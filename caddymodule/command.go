@@ -176,6 +176,16 @@ func validateDefinitions(out io.Writer, path string) error {
 	if len(never) > 0 {
 		fmt.Fprintf(out, "\nNever evaluated locally (always false and the default route here):\n%s\n", strings.Join(never, "\n"))
 	}
+	var slow []string
+	for _, f := range defs.Flags() {
+		for _, pattern := range f.BacktrackingRegexes() {
+			slow = append(slow, fmt.Sprintf("  %s: %q", f.Key, pattern))
+		}
+	}
+	if len(slow) > 0 {
+		fmt.Fprintf(out, "\nRegexes on the slower, backtracking engine (RE2 cannot run them; a match that takes over %s is inconclusive, regex_timeout):\n%s\n",
+			eval.RegexMatchTimeout, strings.Join(slow, "\n"))
+	}
 	if w := defs.Warnings(); len(w) > 0 {
 		fmt.Fprintf(out, "\nCannot always be evaluated locally (such requests get false and the default route):\n")
 		for _, p := range w {

@@ -105,6 +105,25 @@ func mustParseFile(t *testing.T, path string) *eval.Definitions {
 	return defs
 }
 
+// validate names the flags whose regexes need the backtracking engine.
+func TestValidateNamesTheSlowerRegexEngine(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "flags.json")
+	writeFileAtomically(t, path, []byte(`{"flags": [
+		{"key": "vip", "active": true, "filters": {"groups": [{"properties": [
+			{"key": "email", "operator": "regex", "value": "(?<=@)example\\.com$"}]}]}},
+		{"key": "plain", "active": true, "filters": {"groups": [{"properties": [
+			{"key": "email", "operator": "regex", "value": "@example\\.com$"}]}]}}]}`))
+	var out bytes.Buffer
+	if err := validateDefinitions(&out, path); err != nil {
+		t.Fatalf("%v\n%s", err, out.String())
+	}
+	report := out.String()
+	i := strings.Index(report, "Regexes on the slower, backtracking engine")
+	if i < 0 || !strings.Contains(report[i:], `vip: "(?<=@)example\\.com$"`) || strings.Contains(report[i:], "plain:") {
+		t.Errorf("report:\n%s", report)
+	}
+}
+
 func TestValidateConfigChecksTheExampleClean(t *testing.T) {
 	data, err := os.ReadFile(filepath.Join("..", "Caddyfile.example"))
 	if err != nil {

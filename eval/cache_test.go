@@ -2,6 +2,7 @@ package eval
 
 import (
 	"fmt"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -135,14 +136,17 @@ func TestCacheAndStoreUnderConcurrency(t *testing.T) {
 	st.Swap(a)
 	sel := NewSelection(nil)
 	c := newTestCache(64)
-	var wg sync.WaitGroup
+	// The swapper changes the definitions for as long as the readers run.
+	var swapper, readers sync.WaitGroup
 	stop := make(chan struct{})
-	wg.Add(1)
+	swaps := 0
+	swapper.Add(1)
 	go func() {
-		defer wg.Done()
+		defer swapper.Done()
 		for i := 0; ; i++ {
 			select {
 			case <-stop:
+				swaps = i
 				return
 			default:
 			}
@@ -151,13 +155,13 @@ func TestCacheAndStoreUnderConcurrency(t *testing.T) {
 			} else {
 				st.Swap(a)
 			}
-			time.Sleep(100 * time.Microsecond)
+			runtime.Gosched()
 		}
 	}()
 	for w := 0; w < 4; w++ {
-		wg.Add(1)
+		readers.Add(1)
 		go func(w int) {
-			defer wg.Done()
+			defer readers.Done()
 			for i := 0; i < 3000; i++ {
 				d := st.Load()
 				s := &Subject{DistinctID: strconv.Itoa(i % 150), Person: Properties{{Key: "plan", Value: String("pro")}}}
@@ -166,9 +170,12 @@ func TestCacheAndStoreUnderConcurrency(t *testing.T) {
 			}
 		}(w)
 	}
-	time.Sleep(50 * time.Millisecond)
+	readers.Wait()
 	close(stop)
-	wg.Wait()
+	swapper.Wait()
+	if swaps < 2 {
+		t.Errorf("the definitions changed %d times while the readers ran", swaps)
+	}
 }
 
 func TestSelectionRebindsOnNewDefinitions(t *testing.T) {
