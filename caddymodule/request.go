@@ -161,14 +161,7 @@ func (st *requestState) matched(key string) {
 }
 
 // findRouted returns the routed entry of key, or nil. Callers hold st.mu.
-func (st *requestState) findRouted(key string) *routedFlag {
-	for i := range st.routed {
-		if st.routed[i].key == key {
-			return &st.routed[i]
-		}
-	}
-	return nil
-}
+func (st *requestState) findRouted(key string) *routedFlag { return findRouted(st.routed, key) }
 
 func (st *requestState) extraResult(key string) eval.Result {
 	st.mu.Lock()
