@@ -341,33 +341,41 @@ func TestSenderFlushSendsTheLoopsPartialBatch(t *testing.T) {
 	closeSender(t, s)
 }
 
-func TestSenderFlushWhileDeliveryHangs(t *testing.T) {
-	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	release := srv.BlockBatches()
-	defer srv.Close()
-	defer release()
-	s, counts := newTestSender(srv, 100)
+// hungDelivery starts a sender with batches of 5 and n events, and returns
+// once its first batch is in a delivery PostHog holds unanswered until
+// release; then it calls stop with a 200 ms deadline and checks that stop
+// returns the deadline error by then.
+func hungDelivery(t *testing.T, n int, stop func(*Sender, context.Context) error) (srv *posthogtest.Server, s *Sender, counts *eventCounts, release func()) {
+	t.Helper()
+	srv = posthogtest.New(projectKey, personalKey, []byte(defsV1))
+	release = srv.BlockBatches()
+	t.Cleanup(srv.Close)
+	t.Cleanup(release)
+	s, counts = newTestSender(srv, 100)
 	s.BatchSize = 5
 	s.Start()
-	for i := 0; i < 8; i++ {
+	for i := 0; i < n; i++ {
 		s.Enqueue(flagEvent(i))
 	}
 	eventually(t, "a batch in flight", func() bool { return srv.BatchesInFlight() == 1 })
-
 	ctx, cancel := timeout(200 * time.Millisecond)
+	defer cancel()
 	start := time.Now()
-	err := s.Flush(ctx)
-	took := time.Since(start)
-	cancel()
-	if !errors.Is(err, context.DeadlineExceeded) || took > time.Second {
-		t.Fatalf("Flush with a hung delivery: %v after %v; want the deadline error at 200ms", err, took)
+	err := stop(s, ctx)
+	if took := time.Since(start); !errors.Is(err, context.DeadlineExceeded) || took > time.Second {
+		t.Fatalf("with a hung delivery: %v after %v; want the deadline error at 200ms", err, took)
 	}
+	return srv, s, counts, release
+}
+
+func TestSenderFlushWhileDeliveryHangs(t *testing.T) {
+	srv, s, counts, release := hungDelivery(t, 8, (*Sender).Flush)
 	if s.Pending() != 8 || counts.dropped.Load() != 0 {
 		t.Fatalf("after the flush gave up: %d pending, %d dropped", s.Pending(), counts.dropped.Load())
 	}
 
 	release()
-	ctx, cancel = timeout(5 * time.Second)
+	ctx, cancel := timeout(5 * time.Second)
 	defer cancel()
 	if err := s.Flush(ctx); err != nil || counts.sent.Load() != 8 || counts.dropped.Load() != 0 || s.Pending() != 0 {
 		t.Errorf("after the release: %v, sent %d, dropped %d, pending %d", err, counts.sent.Load(), counts.dropped.Load(), s.Pending())
@@ -441,26 +449,7 @@ func TestSenderCloseDropsWhatPostHogCannotTake(t *testing.T) {
 }
 
 func TestSenderCloseBlockedPastItsDeadline(t *testing.T) {
-	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
-	release := srv.BlockBatches()
-	defer srv.Close()
-	defer release()
-	s, counts := newTestSender(srv, 100)
-	s.BatchSize = 5
-	s.Start()
-	for i := 0; i < 12; i++ {
-		s.Enqueue(flagEvent(i))
-	}
-	eventually(t, "a batch in flight", func() bool { return srv.BatchesInFlight() == 1 })
-
-	ctx, cancel := timeout(200 * time.Millisecond)
-	start := time.Now()
-	err := s.Close(ctx)
-	took := time.Since(start)
-	cancel()
-	if !errors.Is(err, context.DeadlineExceeded) || took > time.Second {
-		t.Fatalf("close with a hung delivery: %v after %v", err, took)
-	}
+	_, s, counts, release := hungDelivery(t, 12, (*Sender).Close)
 	// The 7 queued events are given up; the 5 under way are the request's.
 	if counts.reason("shutdown") != 7 || counts.dropped.Load() != 7 || s.Pending() != 5 {
 		t.Fatalf("at Close's deadline: dropped %v, pending %d", counts.byReason, s.Pending())
