@@ -9,6 +9,12 @@ type pyRange struct{ lo, hi rune }
 
 // inPyRanges reports whether r lies in one of the sorted ranges.
 func inPyRanges(table []pyRange, r rune) bool {
+	_, ok := findPyRange(table, r)
+	return ok
+}
+
+// findPyRange returns the index of the sorted range holding r.
+func findPyRange(table []pyRange, r rune) (int, bool) {
 	lo, hi := 0, len(table)
 	for lo < hi {
 		m := int(uint(lo+hi) >> 1)
@@ -18,10 +24,10 @@ func inPyRanges(table []pyRange, r rune) bool {
 		case r > table[m].hi:
 			lo = m + 1
 		default:
-			return true
+			return m, true
 		}
 	}
-	return false
+	return 0, false
 }
 
 // pyDecimalValue is the value python's int() gives one decimal digit. Every
@@ -31,17 +37,8 @@ func pyDecimalValue(r rune) (byte, bool) {
 	if r >= '0' && r <= '9' {
 		return byte(r - '0'), true
 	}
-	lo, hi := 0, len(pyDecimal)
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		switch {
-		case r < pyDecimal[m].lo:
-			hi = m
-		case r > pyDecimal[m].hi:
-			lo = m + 1
-		default:
-			return byte((r - pyDecimal[m].lo) % 10), true
-		}
+	if m, ok := findPyRange(pyDecimal, r); ok {
+		return byte((r - pyDecimal[m].lo) % 10), true
 	}
 	return 0, false
 }
