@@ -4,14 +4,16 @@
 #   bench/proxy.sh
 #
 # Builds the Caddy binary once (./cmd/caddy), starts on loopback one upstream
-# server and three Caddy configurations from that binary:
+# server and six Caddy configurations from that binary:
 #   a) plain reverse_proxy to the upstream,
 #   b) the same with the feature_flags handler evaluating 5 flags (a rollout, a
 #      multivariate flag, three with property filters) and lb_policy feature_flag,
 #   c) like b with 50 flags,
 #   d) for reference, (a) with the six request headers (b) adds set by
 #      header_up: what carrying the headers to the upstream costs by itself,
-# and drives them with wrk in alternating rounds (a b c d a b c d ...) so machine
+#   e) like b with `headers dictionary` (one X-Feature-Flags header),
+#   f) like c with `headers dictionary`,
+# and drives them with wrk in alternating rounds (a b c d e f a b c d e f ...) so machine
 # noise hits all alike. Every request carries a distinct id drawn from 100,000
 # users (a wrk Lua script sets the header per request). Prints requests/s,
 # p50/p99 latency and the CPU time the proxy process spent per request (from
@@ -20,8 +22,8 @@
 #
 # Environment: ROUNDS (default 5), DURATION per round (10s), CONNECTIONS (32),
 # THREADS (1), WARMUP per configuration before the rounds (10s), CACHE_SIZE of
-# configurations b and c (100000), BASE_PORT (18080; the five ports from there
-# on must be free).
+# configurations b, c, e and f (100000), BASE_PORT (18080; the eight ports from
+# there on must be free).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,6 +55,7 @@ go build -o "$work/caddy" ./cmd/caddy
 
 BASE_PORT="${BASE_PORT:-18080}"
 UP1=$BASE_PORT UP2=$((BASE_PORT + 1)) PA=$((BASE_PORT + 2)) PB=$((BASE_PORT + 3)) PC=$((BASE_PORT + 4)) PD=$((BASE_PORT + 5))
+PE=$((BASE_PORT + 6)) PF=$((BASE_PORT + 7))
 
 # Definitions: (b) five flags; (c) fifty, the same five kinds repeated.
 flag_json() { # index kind
@@ -102,7 +105,7 @@ cat >"$work/a.caddyfile" <<EOF
 }
 EOF
 
-flags_config() { # port definitions
+flags_config() { # port definitions headers-form
 	cat <<EOF
 {
 	$global
@@ -117,6 +120,7 @@ flags_config() { # port definitions
 		person_property country {header.X-Country}
 		person_property orders {header.X-Orders}
 		person_property app_version {header.X-App-Version}
+		headers $3
 	}
 	reverse_proxy 127.0.0.1:$UP1 127.0.0.1:$UP2 {
 		lb_policy feature_flag flag-0 {
@@ -127,8 +131,10 @@ flags_config() { # port definitions
 }
 EOF
 }
-flags_config "$PB" "$work/flags-5.json" >"$work/b.caddyfile"
-flags_config "$PC" "$work/flags-50.json" >"$work/c.caddyfile"
+flags_config "$PB" "$work/flags-5.json" per_flag >"$work/b.caddyfile"
+flags_config "$PC" "$work/flags-50.json" per_flag >"$work/c.caddyfile"
+flags_config "$PE" "$work/flags-5.json" dictionary >"$work/e.caddyfile"
+flags_config "$PF" "$work/flags-50.json" dictionary >"$work/f.caddyfile"
 
 cat >"$work/d.caddyfile" <<EOF
 {
@@ -162,7 +168,7 @@ EOF
 
 # Caddy binds with SO_REUSEPORT: a leftover process on one of these ports would
 # silently share the traffic, so refuse to start if anything answers there.
-for p in "$UP1" "$UP2" "$PA" "$PB" "$PC" "$PD"; do
+for p in "$UP1" "$UP2" "$PA" "$PB" "$PC" "$PD" "$PE" "$PF"; do
 	if curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$p/"; then
 		echo "port $p is already in use; stop what runs there or set BASE_PORT" >&2
 		exit 1
@@ -184,6 +190,8 @@ start a "$work/a.caddyfile"
 start b "$work/b.caddyfile"
 start c "$work/c.caddyfile"
 start d "$work/d.caddyfile"
+start e "$work/e.caddyfile"
+start f "$work/f.caddyfile"
 
 wait_for() { # port
 	for _ in $(seq 1 100); do
@@ -193,16 +201,16 @@ wait_for() { # port
 	echo "port $1 did not answer; logs in $work" >&2
 	exit 1
 }
-for p in "$UP1" "$UP2" "$PA" "$PB" "$PC" "$PD"; do wait_for "$p"; done
+for p in "$UP1" "$UP2" "$PA" "$PB" "$PC" "$PD" "$PE" "$PF"; do wait_for "$p"; done
 
-port_of() { case $1 in a) echo "$PA" ;; b) echo "$PB" ;; c) echo "$PC" ;; d) echo "$PD" ;; esac; }
+port_of() { case $1 in a) echo "$PA" ;; b) echo "$PB" ;; c) echo "$PC" ;; d) echo "$PD" ;; e) echo "$PE" ;; f) echo "$PF" ;; esac; }
 
 run_wrk() { # config duration
 	wrk -t"$THREADS" -c"$CONNECTIONS" -d"$2" --latency -s "$work/users.lua" "http://127.0.0.1:$(port_of "$1")/"
 }
 
 echo "warming up each configuration for $WARMUP (fills the result cache)" >&2
-for cfg in a b c d; do run_wrk "$cfg" "$WARMUP" >/dev/null; done
+for cfg in a b c d e f; do run_wrk "$cfg" "$WARMUP" >/dev/null; done
 
 # to_ms converts wrk's latency spelling (us, ms, s) to milliseconds.
 to_ms() {
@@ -216,7 +224,7 @@ to_ms() {
 results="$work/results.tsv"
 : >"$results"
 for ((round = 1; round <= ROUNDS; round++)); do
-	for cfg in a b c d; do
+	for cfg in a b c d e f; do
 		ticks0=$(cpu_ticks "${pid_of[$cfg]}")
 		out="$(run_wrk "$cfg" "$DURATION")"
 		ticks1=$(cpu_ticks "${pid_of[$cfg]}")
@@ -243,10 +251,11 @@ function median(arr, n,   i, j, tmp) {
 }
 { rps[$2, $1] = $3; p50[$2, $1] = $4; p99[$2, $1] = $5; cpu[$2, $1] = $6 }
 END {
-	split("a b c d", cfgs, " ")
+	split("a b c d e f", cfgs, " ")
 	names["a"] = "a) reverse_proxy"; names["b"] = "b) + feature_flags, 5 flags"; names["c"] = "c) + feature_flags, 50 flags"
 	names["d"] = "d) reverse_proxy + the 6 headers of (b) via header_up"
-	for (k = 1; k <= 4; k++) {
+	names["e"] = "e) + feature_flags, 5 flags, headers dictionary"; names["f"] = "f) + feature_flags, 50 flags, headers dictionary"
+	for (k = 1; k <= 6; k++) {
 		cfg = cfgs[k]
 		for (i = 1; i <= rounds; i++) {
 			r[i] = rps[cfg, i]; x[i] = p50[cfg, i]; y[i] = p99[cfg, i]; z[i] = cpu[cfg, i]
@@ -256,11 +265,11 @@ END {
 		mr[cfg] = median(r, rounds); m50[cfg] = median(x, rounds); m99[cfg] = median(y, rounds); mc[cfg] = median(z, rounds)
 		qr[cfg] = median(rr, rounds); q99[cfg] = median(ry, rounds); qc[cfg] = median(rz, rounds)
 	}
-	printf "wrk -t%s -c%s -d%s, %d alternating rounds (a b c d a b c d ...), 100,000 distinct ids, cache_size %s;\n", t, c, d, rounds, cache
+	printf "wrk -t%s -c%s -d%s, %d alternating rounds (a b c d e f a b c d e f ...), 100,000 distinct ids, cache_size %s;\n", t, c, d, rounds, cache
 	printf "medians over the rounds; ratios are medians of each round against its own (a) run\n\n"
 	printf "| configuration | requests/s | p50 ms | p99 ms | proxy CPU us/request | throughput vs a | p99 vs a | CPU vs a |\n"
 	printf "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-	for (k = 1; k <= 4; k++) {
+	for (k = 1; k <= 6; k++) {
 		cfg = cfgs[k]
 		printf "| %s | %.0f | %.2f | %.2f | %.1f | %.3f | %.3f | %.3f |\n", names[cfg], mr[cfg], m50[cfg], m99[cfg], mc[cfg], qr[cfg], q99[cfg], qc[cfg]
 	}

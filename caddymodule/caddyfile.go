@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 
+	"github.com/flagsplit/flagsplit/proxy"
 	"github.com/flagsplit/flagsplit/rollout"
 )
 
@@ -368,6 +369,17 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			h.Flags = append(h.Flags, keys...)
+		case "headers":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			if _, err := proxy.ParseHeaderMode(d.Val()); err != nil {
+				return d.Errf("headers: %v", err)
+			}
+			h.Headers = d.Val()
+			if d.NextArg() {
+				return d.ArgErr()
+			}
 		default:
 			return d.Errf("unrecognized feature_flags subdirective %q", d.Val())
 		}

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/flagsplit/flagsplit/eval"
+	"github.com/flagsplit/flagsplit/proxy"
 )
 
 func init() {
@@ -185,6 +186,15 @@ func validateDefinitions(out io.Writer, path string) error {
 	if len(slow) > 0 {
 		fmt.Fprintf(out, "\nRegexes on the slower, backtracking engine (RE2 cannot run them; a match that takes over %s is inconclusive, regex_timeout):\n%s\n",
 			eval.RegexMatchTimeout, strings.Join(slow, "\n"))
+	}
+	if hw, collisions := proxy.NewHeaderWriter(proxy.HeadersPerFlag, defs.FlagSet(nil).Keys()); len(collisions) > 0 || hw.FlagHeaders() > proxy.ManyFlagHeaders {
+		fmt.Fprintf(out, "\nRequest headers (the default per_flag form, without a flags line):\n")
+		for _, c := range collisions {
+			fmt.Fprintf(out, "  warning: %s\n", c)
+		}
+		if n := hw.FlagHeaders(); n > proxy.ManyFlagHeaders {
+			fmt.Fprintf(out, "  warning: %s\n", manyHeadersMessage(n))
+		}
 	}
 	if w := defs.Warnings(); len(w) > 0 {
 		fmt.Fprintf(out, "\nCannot always be evaluated locally (such requests get false and the default route):\n")

@@ -26,6 +26,8 @@ type configReport struct {
 	source string
 	defs   *eval.Definitions
 	refs   []flagReference
+	// handlers are the feature_flags handlers' header settings.
+	handlers []handlerHeaders
 	// errors make the config fail to load, or flags never match;
 	// warnings are worth a look.
 	errors, warnings []string
@@ -83,7 +85,35 @@ func checkConfig(cfgJSON []byte, dir string, fetch func(context.Context, *PostHo
 			rep.errors = append(rep.errors, p.msg)
 		}
 	}
+	for _, hh := range rep.handlers {
+		rep.checkHeaders(hh)
+	}
 	return rep, nil
+}
+
+// handlerHeaders is what decides the headers a feature_flags handler sends.
+type handlerHeaders struct {
+	where string
+	flags []string
+	mode  string
+}
+
+// checkHeaders reports what the handler warns about at load: flags whose
+// per-flag headers collide, and more per-flag headers than
+// proxy.ManyFlagHeaders without a flags line.
+func (rep *configReport) checkHeaders(hh handlerHeaders) {
+	mode, err := proxy.ParseHeaderMode(hh.mode)
+	if err != nil {
+		rep.errors = append(rep.errors, fmt.Sprintf("feature_flags (%s): %v", hh.where, err))
+		return
+	}
+	hw, collisions := proxy.NewHeaderWriter(mode, rep.defs.FlagSet(hh.flags).Keys())
+	for _, c := range collisions {
+		rep.warnings = append(rep.warnings, fmt.Sprintf("feature_flags (%s): %s", hh.where, c))
+	}
+	if n := hw.FlagHeaders(); n > proxy.ManyFlagHeaders && len(hh.flags) == 0 {
+		rep.warnings = append(rep.warnings, fmt.Sprintf("feature_flags (%s): %s", hh.where, manyHeadersMessage(n)))
+	}
 }
 
 // loadDefinitions reads the config's definitions: its file when it has one
@@ -146,9 +176,12 @@ func (rep *configReport) walk(where string, routes []jsonRoute) {
 		}
 		for _, raw := range route.Handle {
 			var h struct {
-				Handler string      `json:"handler"`
-				Flags   []string    `json:"flags"`
-				Routes  []jsonRoute `json:"routes"`
+				Handler string   `json:"handler"`
+				Flags   []string `json:"flags"`
+				// Headers is a string for feature_flags, an object for
+				// reverse_proxy.
+				Headers json.RawMessage `json:"headers"`
+				Routes  []jsonRoute     `json:"routes"`
 				// reverse_proxy
 				Upstreams []struct {
 					Dial string `json:"dial"`
@@ -163,6 +196,11 @@ func (rep *configReport) walk(where string, routes []jsonRoute) {
 			}
 			switch h.Handler {
 			case "feature_flags":
+				hh := handlerHeaders{where: where, flags: h.Flags}
+				if len(h.Headers) > 0 && json.Unmarshal(h.Headers, &hh.mode) != nil {
+					hh.mode = string(h.Headers)
+				}
+				rep.handlers = append(rep.handlers, hh)
 				for _, f := range h.Flags {
 					rep.refs = append(rep.refs, flagReference{flag: f, where: "feature_flags flags (" + where + ")"})
 				}

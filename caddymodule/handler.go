@@ -6,6 +6,7 @@ import (
 	"net/textproto"
 	"sort"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -70,6 +71,13 @@ type Handler struct {
 	// Flags restricts evaluation to these flag keys. Default: every flag.
 	Flags []string `json:"flags,omitempty"`
 
+	// Headers is how the flags reach the upstream: "per_flag" (default),
+	// one X-Feature-Flag-<flag key> header per flag; "dictionary", one
+	// X-Feature-Flags structured-field dictionary; "off", none (matchers,
+	// lb_policy and placeholders still work). X-PostHog-Distinct-Id is
+	// sent in every form.
+	Headers string `json:"headers,omitempty"`
+
 	app        *App
 	logger     *zap.Logger
 	resolver   *proxy.Resolver
@@ -78,6 +86,11 @@ type Handler struct {
 	groups     []groupSource
 	selection  *eval.Selection
 	bound      *atomic.Pointer[boundSet]
+	headerMode proxy.HeaderMode
+	// sendsHeaders is set for a handler of the config (not the app's
+	// implicit one, which sets no headers): only it warns about them.
+	sendsHeaders bool
+	warned       *headerWarnings
 	// identity and malformed are the identity counters by source kind,
 	// resolved once.
 	identity  [proxy.SourceAssigned + 1]prometheus.Counter
@@ -129,8 +142,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.setup(app, ctx.Logger()); err != nil {
 		return err
 	}
+	h.sendsHeaders = true
 	for _, f := range h.Flags {
 		app.reference(flagReference{flag: f, where: "feature_flags flags"})
+	}
+	if app.engine.snapshot().ready {
+		// Header problems are logged at load; those of later definitions
+		// when the first request binds them.
+		hw, collisions := proxy.NewHeaderWriter(h.headerMode, h.selection.For(app.engine.definitions()).Keys())
+		h.warnHeaders(hw, collisions)
 	}
 	return nil
 }
@@ -140,6 +160,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 func (h *Handler) setup(app *App, logger *zap.Logger) error {
 	h.app, h.logger = app, logger
 	h.bound = new(atomic.Pointer[boundSet])
+	h.warned = &headerWarnings{reported: map[string]bool{}}
+	mode, err := proxy.ParseHeaderMode(h.Headers)
+	if err != nil {
+		return err
+	}
+	h.headerMode = mode
 	for k := range h.identity {
 		h.identity[k] = identityTotal.WithLabelValues(proxy.SourceKind(k).String())
 		h.malformed[k] = malformedIdentityTotal.WithLabelValues(proxy.SourceKind(k).String())
@@ -258,7 +284,7 @@ type boundSet struct {
 	defs     *eval.Definitions
 	fs       *eval.FlagSet
 	index    map[string]int
-	headers  proxy.HeaderWriter
+	headers  *proxy.HeaderWriter
 	counters []flagCounters
 	lastSeen []*atomic.Int64
 	// metrics[i][v] are flag i's routed-request series for value index v
@@ -281,13 +307,16 @@ func (h *Handler) bind(defs *eval.Definitions) *boundSet {
 	}
 	fs := h.selection.For(defs)
 	b := &boundSet{defs: defs, fs: fs, index: make(map[string]int, fs.Len())}
-	b.headers.Names = make([]string, fs.Len())
+	var collisions []proxy.HeaderCollision
+	b.headers, collisions = proxy.NewHeaderWriter(h.headerMode, fs.Keys())
+	if h.sendsHeaders {
+		h.warnHeaders(b.headers, collisions)
+	}
 	b.counters = make([]flagCounters, fs.Len())
 	b.lastSeen = make([]*atomic.Int64, fs.Len())
 	b.metrics = make([][]valueMetrics, fs.Len())
 	for i, key := range fs.Keys() {
 		b.index[key] = i
-		b.headers.Names[i] = proxy.FlagHeaderName(key)
 		values := fs.Values(i)
 		b.counters[i] = newFlagCounters(key, values)
 		b.lastSeen[i] = h.app.engine.activity.cell(key)
@@ -332,19 +361,34 @@ func (h *Handler) evaluate(r *http.Request, repl *caddy.Replacer, implicit bool)
 	st := &requestState{handler: h, implicit: implicit}
 	assign := !implicit
 	st.recorder.state = st
-	var malformed proxy.SourceKind
+	var malformed proxy.SourceSet
 	st.identity, malformed = h.resolver.Resolve(r, repl)
-	if malformed != proxy.SourceNone {
-		h.malformed[malformed].Inc()
-		if c := h.logger.Check(zapcore.DebugLevel, "malformed identity ignored"); c != nil {
-			c.Write(zap.String("source", malformed.String()))
+	if malformed != 0 {
+		for k := range h.malformed {
+			if kind := proxy.SourceKind(k); malformed.Has(kind) {
+				h.malformed[k].Inc()
+				if c := h.logger.Check(zapcore.DebugLevel, "malformed identity ignored"); c != nil {
+					c.Write(zap.String("source", kind.String()))
+				}
+			}
 		}
 	}
 	if st.identity.DistinctID == "" && assign && h.resolver.Assigns() {
 		id, cookie, err := h.resolver.Assign(h.cookieOptions(r))
-		if err != nil {
+		switch {
+		case err != nil:
 			h.logger.Error("assigning a distinct id", zap.Error(err))
-		} else {
+		case h.resolver.HoldsAssignCookie(r):
+			// The request carries the cookie the id would be stored in,
+			// and it could not be read (a posthog-js cookie flagsplit
+			// cannot parse, or an id it refuses). Writing over it would
+			// erase the user's posthog-js identity: the id serves this
+			// request only.
+			st.identity = id
+			if c := h.logger.Check(zapcore.DebugLevel, "unreadable identity cookie kept; id assigned for this request only"); c != nil {
+				c.Write(zap.String("cookie", h.resolver.AssignCookieName()))
+			}
+		default:
 			st.identity, st.cookie = id, cookie
 		}
 	}
@@ -374,6 +418,42 @@ func (h *Handler) evaluate(r *http.Request, repl *caddy.Replacer, implicit bool)
 	caddyhttp.SetVar(r.Context(), stateVarKey, st)
 	repl.Map(st.placeholder)
 	return st
+}
+
+// headerWarnings are the header problems a handler has logged, each once.
+type headerWarnings struct {
+	mu       sync.Mutex
+	reported map[string]bool
+}
+
+// warnHeaders logs, once each, the flags whose per-flag headers collide and
+// a per-flag header count past proxy.ManyFlagHeaders when no flags line
+// limits it (live definitions can grow past it at any time).
+func (h *Handler) warnHeaders(hw *proxy.HeaderWriter, collisions []proxy.HeaderCollision) {
+	once := func(key string) bool {
+		h.warned.mu.Lock()
+		defer h.warned.mu.Unlock()
+		seen := h.warned.reported[key]
+		h.warned.reported[key] = true
+		return !seen
+	}
+	for _, c := range collisions {
+		if once("collision " + c.String()) {
+			h.logger.Warn("flag keys collide as header names; those flags get no per-flag header",
+				zap.Strings("flags", c.Keys), zap.String("header", c.Header), zap.String("problem", c.String()))
+		}
+	}
+	if n := hw.FlagHeaders(); n > proxy.ManyFlagHeaders && len(h.Flags) == 0 && once("many") {
+		h.logger.Warn(manyHeadersMessage(n), zap.Int("flag_headers", n), zap.Int("threshold", proxy.ManyFlagHeaders))
+	}
+}
+
+// manyHeadersMessage is the advice for a per-flag header count past
+// proxy.ManyFlagHeaders.
+func manyHeadersMessage(n int) string {
+	return fmt.Sprintf("every request gets %d X-Feature-Flag-* headers (more than %d): backends may refuse requests with that many headers (431) "+
+		"and each one costs proxy and backend time; list the flags the backends read in `flags`, or send them all in one header with `headers dictionary`",
+		n, proxy.ManyFlagHeaders)
 }
 
 func (h *Handler) properties(sources []valueSource, r *http.Request, repl *caddy.Replacer, dst eval.Properties) eval.Properties {

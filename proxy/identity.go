@@ -6,6 +6,7 @@ import (
 	"net/textproto"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 )
@@ -138,24 +139,44 @@ type Placeholders interface {
 	ReplaceAll(input, empty string) string
 }
 
+// SourceSet is a set of source kinds.
+type SourceSet uint8
+
+// Add returns the set with k in it.
+func (s SourceSet) Add(k SourceKind) SourceSet { return s | 1<<k }
+
+// Has reports whether k is in the set.
+func (s SourceSet) Has(k SourceKind) bool { return s&(1<<k) != 0 }
+
 // Resolve returns the first id the sources yield. placeholders expands
 // placeholder sources (nil when none are configured). A source whose value is
-// present but malformed is skipped and reported in malformed (the last one
-// seen), so the caller can log it; a malformed value never fails the request.
-func (r *Resolver) Resolve(req *http.Request, placeholders Placeholders) (id Identity, malformed SourceKind) {
+// present but malformed (empty, over MaxIDLength bytes, not UTF-8, holding
+// control characters, or a posthog-js cookie that does not parse) is skipped
+// for the next one and reported in malformed, so the caller can count and log
+// it; a malformed value never fails the request. A placeholder that expands
+// to nothing is absent, not malformed.
+func (r *Resolver) Resolve(req *http.Request, placeholders Placeholders) (id Identity, malformed SourceSet) {
 	for _, src := range r.sources {
 		var value string
 		switch src.Kind {
 		case SourceHeader:
-			if vals := req.Header[src.Name]; len(vals) > 0 {
-				value = strings.TrimSpace(vals[0])
+			vals, ok := req.Header[src.Name]
+			if !ok || len(vals) == 0 {
+				continue
 			}
+			value = strings.TrimSpace(vals[0])
 		case SourceCookie:
-			value, _ = findCookie(req.Header, src.Name)
-			value = strings.TrimSpace(value)
+			v, ok := findCookie(req.Header, src.Name)
+			if !ok {
+				continue
+			}
+			value = strings.TrimSpace(v)
 		case SourcePlaceholder:
 			if placeholders != nil {
 				value = strings.TrimSpace(placeholders.ReplaceAll(src.Name, ""))
+			}
+			if value == "" {
+				continue
 			}
 		case SourcePostHogCookie:
 			raw, ok := r.postHogCookieValue(req.Header)
@@ -164,7 +185,7 @@ func (r *Resolver) Resolve(req *http.Request, placeholders Placeholders) (id Ide
 			}
 			st, err := ParsePostHogCookie(raw)
 			if err != nil || !validID(st.DistinctID) {
-				malformed = src.Kind
+				malformed = malformed.Add(src.Kind)
 				continue
 			}
 			device := st.DeviceID
@@ -173,16 +194,23 @@ func (r *Resolver) Resolve(req *http.Request, placeholders Placeholders) (id Ide
 			}
 			return Identity{DistinctID: st.DistinctID, DeviceID: device, Source: src.Kind}, malformed
 		}
-		if value == "" {
-			continue
-		}
 		if !validID(value) {
-			malformed = src.Kind
+			malformed = malformed.Add(src.Kind)
 			continue
 		}
 		return Identity{DistinctID: value, Source: src.Kind}, malformed
 	}
 	return Identity{}, malformed
+}
+
+// HoldsAssignCookie reports whether the request carries the cookie assigned
+// ids are written to. When Resolve found no id in such a request, the cookie
+// is one flagsplit cannot read (a posthog-js cookie it cannot parse, or an
+// id it refuses): an assigned id must then not be stored over it, which would
+// erase the user's posthog-js identity.
+func (r *Resolver) HoldsAssignCookie(req *http.Request) bool {
+	_, ok := findCookie(req.Header, r.assignCookie)
+	return ok
 }
 
 func (r *Resolver) postHogCookieValue(h http.Header) (string, bool) {
@@ -192,9 +220,10 @@ func (r *Resolver) postHogCookieValue(h http.Header) (string, bool) {
 	return findPostHogCookie(h)
 }
 
-// validID accepts non-empty ids of printable characters up to MaxIDLength bytes.
+// validID accepts non-empty UTF-8 ids without control characters, up to
+// MaxIDLength bytes.
 func validID(id string) bool {
-	if id == "" || len(id) > MaxIDLength {
+	if id == "" || len(id) > MaxIDLength || !utf8.ValidString(id) {
 		return false
 	}
 	for i := 0; i < len(id); i++ {

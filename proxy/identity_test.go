@@ -137,7 +137,7 @@ func TestResolverTriesSourcesInOrder(t *testing.T) {
 	r := NewResolver(nil, "", false)
 
 	id, bad := r.Resolve(newRequest(map[string]string{"X-Posthog-Distinct-Id": " from-header "}, phCookie), nil)
-	if id.DistinctID != "from-header" || id.Source != SourceHeader || bad != SourceNone {
+	if id.DistinctID != "from-header" || id.Source != SourceHeader || bad != 0 {
 		t.Errorf("header first: %+v %v", id, bad)
 	}
 	id, _ = r.Resolve(newRequest(nil, &http.Cookie{Name: "other", Value: "x"}, phCookie), nil)
@@ -181,14 +181,14 @@ func TestMalformedIdentitiesAreSkippedNotFatal(t *testing.T) {
 		newRequest(nil, &http.Cookie{Name: "ph_x_posthog", Value: posthogJSCookie(t, map[string]any{"distinct_id": ""})}),
 	} {
 		id, bad := r.Resolve(req, nil)
-		if id.DistinctID != "" || bad == SourceNone {
+		if id.DistinctID != "" || bad == 0 {
 			t.Errorf("%v: got %+v, malformed=%v", req.Header, id, bad)
 		}
 	}
 	// A malformed header falls through to a good cookie.
 	good := &http.Cookie{Name: "ph_x_posthog", Value: posthogJSCookie(t, map[string]any{"distinct_id": "ok"})}
 	id, bad := r.Resolve(newRequest(map[string]string{"X-Posthog-Distinct-Id": strings.Repeat("a", 500)}, good), nil)
-	if id.DistinctID != "ok" || bad != SourceHeader {
+	if id.DistinctID != "ok" || bad != SourceSet(0).Add(SourceHeader) {
 		t.Errorf("fallthrough: %+v %v", id, bad)
 	}
 }
@@ -245,6 +245,66 @@ func TestURIComponentRoundTrip(t *testing.T) {
 	}
 	if encodeURIComponent("-_.!~*'()") != "-_.!~*'()" {
 		t.Error("unreserved characters must stay")
+	}
+}
+
+// Row 15 of the hostile-input list: every value an id cannot be is skipped
+// for the next source and reported, including an empty header and a value
+// that is not UTF-8.
+func TestInvalidIdentityValuesFallThroughAndAreReported(t *testing.T) {
+	good := &http.Cookie{Name: "ph_x_posthog", Value: posthogJSCookie(t, map[string]any{"distinct_id": "from-cookie"})}
+	r := NewResolver(nil, "", false)
+	for name, value := range map[string]string{
+		"invalid UTF-8":     "user-\xff\xfe",
+		"empty":             "",
+		"only spaces":       "   ",
+		"control character": "user\x01-1",
+		"DEL":               "user\x7f",
+		"over-long":         strings.Repeat("é", MaxIDLength/2+1),
+	} {
+		req := newRequest(nil, good)
+		req.Header["X-Posthog-Distinct-Id"] = []string{value}
+		id, bad := r.Resolve(req, nil)
+		if id.DistinctID != "from-cookie" || id.Source != SourcePostHogCookie {
+			t.Errorf("%s: resolved %+v, want the cookie's id", name, id)
+		}
+		if !bad.Has(SourceHeader) || bad.Has(SourcePostHogCookie) {
+			t.Errorf("%s: malformed = %b, want the header only", name, bad)
+		}
+	}
+	// An empty id cookie is malformed too; an absent one is not.
+	custom := NewResolver([]Source{{Kind: SourceCookie, Name: "uid"}, {Kind: SourceHeader, Name: "X-User"}}, "", false)
+	req := newRequest(map[string]string{"X-User": "u-2"}, &http.Cookie{Name: "uid", Value: ""})
+	if id, bad := custom.Resolve(req, nil); id.DistinctID != "u-2" || !bad.Has(SourceCookie) {
+		t.Errorf("empty cookie: %+v %b", id, bad)
+	}
+	if _, bad := custom.Resolve(newRequest(map[string]string{"X-User": "u-2"}), nil); bad != 0 {
+		t.Errorf("absent cookie reported malformed: %b", bad)
+	}
+}
+
+// Row 8: a posthog-js cookie flagsplit cannot read is recognised as the
+// cookie assigned ids would be written to, so the handler does not store a
+// new id over it.
+func TestUnreadablePostHogCookieIsNotAnAssignTarget(t *testing.T) {
+	r := NewResolver(nil, "phc_project", true)
+	deep := strings.Repeat(`{"a":`, maxJSONDepth+2) + "1" + strings.Repeat("}", maxJSONDepth+2)
+	for name, value := range map[string]string{
+		"nesting > 64":         encodeURIComponent(`{"distinct_id":"u","x":` + deep + `}`),
+		"240-byte distinct_id": posthogJSCookie(t, map[string]any{"distinct_id": strings.Repeat("a", 240)}),
+		"not JSON":             "%7Bbroken",
+	} {
+		req := newRequest(nil, &http.Cookie{Name: "ph_phc_project_posthog", Value: value})
+		id, bad := r.Resolve(req, nil)
+		if id.DistinctID != "" || !bad.Has(SourcePostHogCookie) {
+			t.Errorf("%s: %+v %b", name, id, bad)
+		}
+		if !r.HoldsAssignCookie(req) {
+			t.Errorf("%s: the unreadable cookie is not seen as the assign cookie", name)
+		}
+	}
+	if r.HoldsAssignCookie(newRequest(nil, &http.Cookie{Name: "ph_other_posthog", Value: "x"})) {
+		t.Error("another project's cookie taken for ours")
 	}
 }
 
