@@ -10,6 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
 )
 
 // Benchmarks of the handler alone: no network, no Caddy server, one request
@@ -65,10 +66,15 @@ func BenchmarkHandler(b *testing.B) {
 	for _, c := range []struct {
 		flags   int
 		rollout bool
-	}{{1, false}, {5, false}, {50, false}, {5, true}} {
+		headers string
+	}{{1, false, ""}, {5, false, ""}, {50, false, ""}, {5, true, ""},
+		{5, false, "dictionary"}, {50, false, "dictionary"}, {5, false, "off"}, {50, false, "off"}} {
 		name := fmt.Sprintf("flags-%d", c.flags)
 		if c.rollout {
 			name += "-rollout"
+		}
+		if c.headers != "" {
+			name += "-" + c.headers
 		}
 		b.Run(name, func(b *testing.B) {
 			app := newTestApp(b, benchDefinitions(c.flags), DefaultCacheSize)
@@ -79,6 +85,12 @@ func BenchmarkHandler(b *testing.B) {
 					{Metric: "error_rate", Factor: 2}, {Metric: "latency", Quantile: 0.99, Margin: caddy.Duration(250e6)}}})
 			}
 			h := newTestHandler(b, app)
+			if c.headers != "" {
+				h.Headers = c.headers
+				if err := h.setup(app.App, zap.NewNop()); err != nil {
+					b.Fatal(err)
+				}
+			}
 			p := newTestPolicy(b, app, "flag-0")
 			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 				if p.Select(pool, r, w) == nil {

@@ -343,7 +343,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if st.cookie != nil {
 		http.SetCookie(w, st.cookie)
 	}
-	st.bound.headers.Apply(r, st.identity.DistinctID, st.results.Value)
+	st.bound.headers.Apply(r, st.identity.DistinctID, st.results.Value, &st.headerScratch)
 	st.countEvaluations()
 
 	st.recorder.ResponseWriter = w

@@ -41,6 +41,10 @@ type requestState struct {
 	bound        *boundSet
 	results      eval.Results
 	recorder     statusRecorder
+	// headerScratch holds the upstream headers' values (a handful of
+	// per-flag values, or the dictionary) without an allocation of their
+	// own: the request's headers share it, and it lives as long as they do.
+	headerScratch proxy.HeaderScratch
 
 	mu sync.Mutex // guards the fields below: policies may run on retries
 	// routed lists the flags a matcher or selection policy consulted; the

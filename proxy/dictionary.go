@@ -134,11 +134,20 @@ func (d *DictionaryWriter) Len(values func(i int) string) int {
 // String returns the dictionary for values(i), the value of flag i: true,
 // false or a variant. It allocates once, the string itself.
 func (d *DictionaryWriter) String(values func(i int) string) string {
+	return d.stringIn(nil, values)
+}
+
+// stringIn is String written into buf when it fits. The caller must never
+// write to buf again: the string shares its bytes.
+func (d *DictionaryWriter) stringIn(buf []byte, values func(i int) string) string {
 	n := d.Len(values)
 	if n == 0 {
 		return ""
 	}
-	b := d.AppendTo(make([]byte, 0, n), values)
+	if cap(buf) < n {
+		buf = make([]byte, 0, n)
+	}
+	b := d.AppendTo(buf[:0], values)
 	// b is never written again: the string may share its bytes (as
 	// strings.Builder does).
 	return unsafe.String(unsafe.SliceData(b), len(b))

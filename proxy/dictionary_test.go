@@ -133,8 +133,16 @@ func TestDictionaryWriterAllocatesOnce(t *testing.T) {
 	r, _ := http.NewRequest(http.MethodGet, "http://x/", nil)
 	r.Header.Set("Accept", "*/*")
 	// The header's value and the one array holding both values.
-	if n := testing.AllocsPerRun(100, func() { hw.Apply(r, "user-1", fn) }); n != 2 {
+	if n := testing.AllocsPerRun(100, func() { hw.Apply(r, "user-1", fn, nil) }); n != 2 {
 		t.Errorf("Apply: %v allocations, want 2", n)
+	}
+	// With the request's scratch, none.
+	scratch := new(HeaderScratch)
+	if n := testing.AllocsPerRun(100, func() { hw.Apply(r, "user-1", fn, scratch) }); n != 0 {
+		t.Errorf("Apply with scratch: %v allocations, want 0", n)
+	}
+	if got := parseDictionary(t, r.Header.Get("X-Feature-Flags")); len(got) != len(keys) || got["Upper"] != `q"uote` {
+		t.Errorf("dictionary written in the scratch: %v", got)
 	}
 }
 

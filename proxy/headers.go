@@ -288,12 +288,23 @@ func (hw *HeaderWriter) FlagHeaders() int {
 // rebuildFrom is the number of headers from which Apply builds a new
 // header map of the right size instead of growing the request's map: adding
 // dozens of keys to a small map rehashes it several times.
-const rebuildFrom = 4
+const rebuildFrom = 16
+
+// HeaderScratch is room for one request's header values, kept by the
+// caller as long as the request (in its per-request state, which it
+// allocates anyway), so that the usual handful of values and a short
+// dictionary need no allocation of their own. A scratch serves one Apply:
+// the request's headers share its storage.
+type HeaderScratch struct {
+	values [8]string
+	dict   [160]byte
+}
 
 // Apply removes every flagsplit header the client sent (see
 // StripClientHeaders) and sets the distinct id (when there is one) and the
-// flags' values (values(i) for flag i) in the writer's form.
-func (hw *HeaderWriter) Apply(r *http.Request, distinctID string, values func(i int) string) {
+// flags' values (values(i) for flag i) in the writer's form. scratch, when
+// not nil, holds the values if they fit (see HeaderScratch).
+func (hw *HeaderWriter) Apply(r *http.Request, distinctID string, values func(i int) string, scratch *HeaderScratch) {
 	h := r.Header
 	if hw.sent >= rebuildFrom {
 		fresh := make(http.Header, len(h)+hw.sent+1)
@@ -316,7 +327,12 @@ func (hw *HeaderWriter) Apply(r *http.Request, distinctID string, values func(i 
 		n++
 	}
 	// One array holds every value.
-	backing := make([]string, n)
+	var backing []string
+	if scratch != nil && n <= len(scratch.values) {
+		backing = scratch.values[:n:n]
+	} else {
+		backing = make([]string, n)
+	}
 	if distinctID != "" {
 		backing[0] = distinctID
 		h[DistinctIDHeader] = backing[0:1:1]
@@ -334,7 +350,11 @@ func (hw *HeaderWriter) Apply(r *http.Request, distinctID string, values func(i 
 		}
 	case HeadersDictionary:
 		if len(hw.dict.keys) > 0 {
-			backing[1] = hw.dict.String(values)
+			var buf []byte
+			if scratch != nil {
+				buf = scratch.dict[:0]
+			}
+			backing[1] = hw.dict.stringIn(buf, values)
 			h[DictionaryHeader] = backing[1:2:2]
 		}
 	}

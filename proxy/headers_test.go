@@ -99,7 +99,7 @@ func TestCollidingFlagHeadersAreLeftOut(t *testing.T) {
 		t.Errorf("writer sends %d flag headers, %d collisions", hw.FlagHeaders(), len(c))
 	}
 	r, _ := http.NewRequest(http.MethodGet, "http://x/", nil)
-	hw.Apply(r, "u", func(i int) string { return keys[i] })
+	hw.Apply(r, "u", func(i int) string { return keys[i] }, nil)
 	if len(r.Header) != 3 || r.Header.Get("X-Feature-Flag-Ok") != "ok" || r.Header.Get("X-Feature-Flag-Solo") != "solo" {
 		t.Errorf("headers %v", r.Header)
 	}
@@ -109,7 +109,15 @@ func TestCollidingFlagHeadersAreLeftOut(t *testing.T) {
 }
 
 func TestHeaderWriterReplacesClientHeaders(t *testing.T) {
-	for _, n := range []int{2, rebuildFrom, 20} {
+	for _, n := range []int{2, 7, 8, rebuildFrom, 20} {
+		for _, scratch := range []*HeaderScratch{nil, new(HeaderScratch)} {
+			testHeaderWriter(t, n, scratch)
+		}
+	}
+}
+
+func testHeaderWriter(t *testing.T, n int, scratch *HeaderScratch) {
+	{
 		var keys []string
 		values := make([]string, n)
 		for i := range values {
@@ -124,7 +132,7 @@ func TestHeaderWriterReplacesClientHeaders(t *testing.T) {
 		r.Header["X_Feature_Flag_flag_b"] = []string{"spoofed"}
 		r.Header.Set("X-Posthog-Distinct-Id", "spoofed")
 		r.Header.Set("Connection", "X-Feature-Flag-Flag-A, Upgrade")
-		hw.Apply(r, "user-1", func(i int) string { return values[i] })
+		hw.Apply(r, "user-1", func(i int) string { return values[i] }, scratch)
 		h := r.Header
 		if h.Get("Accept") != "text/html" || h.Get("X-PostHog-Distinct-Id") != "user-1" || len(h["x-feature-flag-other"]) != 0 || h.Get("Connection") != "Upgrade" {
 			t.Errorf("%d flags: headers %v", n, h)
@@ -156,7 +164,7 @@ func TestHeaderFormsDictionaryAndOff(t *testing.T) {
 		r.Header.Set("X-Feature-Flags", "beta")
 		r.Header.Set("X-Feature-Flag-Beta", "true")
 		r.Header.Set("Accept", "*/*")
-		hw.Apply(r, "user-1", func(i int) string { return values[i] })
+		hw.Apply(r, "user-1", func(i int) string { return values[i] }, nil)
 		want := http.Header{"Accept": {"*/*"}, "X-Posthog-Distinct-Id": {"user-1"}}
 		if mode == HeadersDictionary {
 			want["X-Feature-Flags"] = []string{`new-checkout-flow, homepage-hero="variant-b", beta=?0`}
