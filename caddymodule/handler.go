@@ -27,9 +27,11 @@ func init() {
 
 // Handler evaluates feature flags for each request: it resolves the distinct id,
 // evaluates the flags (through the result cache), removes any flagsplit header
-// the client sent, adds X-PostHog-Distinct-Id and X-Feature-Flag-<flag> for the
-// upstream, and makes the results available to matchers, the feature_flag
-// selection policy and placeholders.
+// the client sent (in every spelling a backend folds, and from the Connection
+// header), adds X-PostHog-Distinct-Id and the flags in the configured header
+// form (X-Feature-Flag-<flag> per flag, one X-Feature-Flags dictionary, or
+// none) for the upstream, and makes the results available to matchers, the
+// feature_flag selection policy and placeholders.
 //
 // Placeholders set:
 //
