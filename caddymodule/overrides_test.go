@@ -123,14 +123,14 @@ func TestOverrideChangesAreValidatedAndDeletesNeedAnOverride(t *testing.T) {
 	if _, err := a.setOverride(ctx, "hero", nil, nil); !errors.Is(err, errNoOverride) {
 		t.Errorf("deleting nothing: %v", err)
 	}
-	writes := a.storage.Stores()
+	writes := a.storage.StoresOf(a.docs.overrides.Key())
 	first, err := a.setOverride(ctx, "hero", &eval.Override{Variant: "test"}, nil)
 	if err != nil || first.revision == 0 {
 		t.Fatal(first, err)
 	}
 	again, err := a.setOverride(ctx, "hero", &eval.Override{Variant: "test"}, nil)
-	if err != nil || again.revision != 0 || a.storage.Stores() != writes+1 {
-		t.Errorf("setting the same override again wrote it again: %+v, %d writes", again, a.storage.Stores()-writes)
+	if err != nil || again.revision != 0 || a.storage.StoresOf(a.docs.overrides.Key()) != writes+1 {
+		t.Errorf("setting the same override again wrote it again: %+v, %d writes", again, a.storage.StoresOf(a.docs.overrides.Key())-writes)
 	}
 	// A conditional delete (what lifting a rollback's kill does) leaves an
 	// override that is not the one expected.
