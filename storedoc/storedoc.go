@@ -183,6 +183,14 @@ func New[T any](storage Storage, key, kind string, now func() time.Time, opts ..
 	return d
 }
 
+// Queued returns how many updates are queued, waiting for the storage lock
+// or for the round that will make them (for diagnostics and tests).
+func (d *Doc[T]) Queued() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.queue)
+}
+
 // Key returns the document's storage key.
 func (d *Doc[T]) Key() string { return d.key }
 
