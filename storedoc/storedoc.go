@@ -333,7 +333,9 @@ type update[T any] struct {
 // the lock as the storage does (Caddy's file_system storage: until the
 // holder releases it, or 10 s after the holder last refreshed it).
 //
-// change must not modify its argument: it may be the version in force.
+// change must not modify its argument: it may be the version in force. It
+// may run on another caller's goroutine (the leader's), so it must not need
+// a lock its own caller holds while it calls Update.
 func (d *Doc[T]) Update(ctx context.Context, h Holder[T], change func(cur T, rev uint64) (next T, changed bool, err error)) (Version[T], bool, error) {
 	u := &update[T]{h: h, change: change, done: make(chan struct{}), lead: make(chan struct{}, 1)}
 	d.mu.Lock()
