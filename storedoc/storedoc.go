@@ -198,9 +198,10 @@ func (d *Doc[T]) Key() string { return d.key }
 func (d *Doc[T]) BackupKey() string { return d.key + backupSuffix }
 
 // Read loads the stored version; found is false when nothing is stored. A
-// damaged copy is replaced by the backup copy (and reported, see
-// [WithDamageReport]); the error matches ErrUnreadable only when neither
-// copy is good.
+// damaged copy is replaced by the backup copy; the damage is reported to the
+// hook of [WithDamageReport], and the error matches ErrUnreadable only when
+// neither copy is good. Without that hook, every damage is also the error
+// (found and v still say what the backup held).
 func (d *Doc[T]) Read(ctx context.Context) (v Version[T], found bool, err error) {
 	v, found, damaged, err := d.load(ctx)
 	var dmg *damage
