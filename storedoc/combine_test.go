@@ -176,3 +176,29 @@ func TestAQueuedUpdateWhoseContextEndsIsNeverMade(t *testing.T) {
 		t.Errorf("in force: %+v", v)
 	}
 }
+
+// A change that panics fails its round and panics its leader's caller, and
+// the callers after it still get a leader.
+func TestAPanickingChangeLeavesTheQueueUsable(t *testing.T) {
+	st := storedoctest.NewMemory()
+	d := newDoc(st)
+	h := storedoc.NewReplica[switches](nil)
+	queued := make(chan struct{}, 4)
+	storedoc.OnQueued(d, func() { queued <- struct{}{} })
+	hold := st.PauseLock(d.Key())
+	panicked := make(chan any, 1)
+	go func() {
+		defer func() { panicked <- recover() }()
+		_, _, _ = d.Update(context.Background(), h, func(switches, uint64) (switches, bool, error) { panic("boom") })
+	}()
+	<-hold.Loaded()
+	<-queued
+	hold.Release()
+	if p := <-panicked; p != "boom" {
+		t.Fatalf("the leader's caller: %v", p)
+	}
+	v := set(t, d, h, "after", true)
+	if !v.Value.On["after"] || st.Locked(d.Key()) {
+		t.Errorf("after the panic: %+v, locked %v", v, st.Locked(d.Key()))
+	}
+}

@@ -372,7 +372,16 @@ func (d *Doc[T]) Update(ctx context.Context, h Holder[T], change func(cur T, rev
 		}
 	}
 	// The leader runs rounds until its own change is done, then hands the
-	// queue to the first caller still waiting.
+	// queue to the first caller still waiting (also when a change panics,
+	// so that the others are not left waiting for a leader).
+	defer func() {
+		if p := recover(); p != nil {
+			d.mu.Lock()
+			d.handOffLocked()
+			d.mu.Unlock()
+			panic(p)
+		}
+	}()
 	for {
 		select {
 		case <-u.done:
@@ -444,8 +453,17 @@ func (d *Doc[T]) round(ctx context.Context) {
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), unlockTimeout)
 		defer cancel()
 		d.unlock(uctx)
+		// A change that panicked fails the round for every caller, and
+		// the panic goes on up the leader's goroutine.
+		p := recover()
 		for _, u := range batch {
+			if p != nil {
+				u.v, u.changed, u.err = Version[T]{}, false, fmt.Errorf("updating %s: a change panicked: %v", d.key, p)
+			}
 			close(u.done)
+		}
+		if p != nil {
+			panic(p)
 		}
 	}()
 	if len(batch) == 0 {
