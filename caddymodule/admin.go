@@ -48,8 +48,39 @@ func (AdminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{{Pattern: "/feature_flags/", Handler: caddy.AdminHandlerFunc(serveAdmin)}}
 }
 
-// maxAdminBody bounds request bodies.
-const maxAdminBody = 1 << 20
+// maxOverrideBody bounds the body of PUT /feature_flags/overrides/<flag>:
+// an override is one small object, so anything larger is refused (413)
+// rather than read.
+const maxOverrideBody = 64 << 10
+
+// decodeBody decodes r's body, at most limit bytes, as exactly one JSON
+// value into v, refusing fields v lacks. A body over the limit is answered
+// 413; an empty one, one that is not what shape describes, or one with
+// anything but white space after its value, 400.
+func decodeBody(w http.ResponseWriter, r *http.Request, limit int64, v any, shape string) error {
+	if r.ContentLength > limit {
+		return apiError(http.StatusRequestEntityTooLarge, "body is %d bytes; the limit is %d", r.ContentLength, limit)
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if tooBig := (*http.MaxBytesError)(nil); errors.As(err, &tooBig) {
+		return apiError(http.StatusRequestEntityTooLarge, "body is larger than the limit of %d bytes", limit)
+	}
+	if err != nil {
+		return apiError(http.StatusBadRequest, "reading body: %v", err)
+	}
+	if len(bytes.TrimSpace(body)) == 0 {
+		return apiError(http.StatusBadRequest, "body is empty: it must be %s", shape)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return apiError(http.StatusBadRequest, "body must be %s: %v", shape, err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return apiError(http.StatusBadRequest, "body must be exactly one JSON value (%s); found more after it at byte %d", shape, dec.InputOffset())
+	}
+	return nil
+}
 
 func apiError(status int, format string, args ...any) error {
 	err := fmt.Errorf(format, args...)
@@ -160,15 +191,9 @@ func (a *App) serveOverride(w http.ResponseWriter, r *http.Request, key string) 
 		}
 		return writeJSON(w, http.StatusOK, o)
 	case http.MethodPut:
-		body, err := io.ReadAll(io.LimitReader(r.Body, maxAdminBody))
-		if err != nil {
-			return apiError(http.StatusBadRequest, "reading body: %v", err)
-		}
 		var o eval.Override
-		dec := json.NewDecoder(bytes.NewReader(body))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&o); err != nil {
-			return apiError(http.StatusBadRequest, `body must be a JSON object such as {"killed": true}, {"rollout_percentage": 25} or {"variant": "control"}: %v`, err)
+		if err := decodeBody(w, r, maxOverrideBody, &o, `a JSON object such as {"killed": true}, {"rollout_percentage": 25} or {"variant": "control"}`); err != nil {
+			return err
 		}
 		ch, err := a.setOverride(r.Context(), key, &o, nil)
 		switch {
@@ -240,6 +265,9 @@ type adminStatus struct {
 	StaleAfter string                   `json:"stale_after"`
 	StaleFlags []string                 `json:"stale_flags"`
 	Overrides  map[string]eval.Override `json:"overrides"`
+	// InvalidOverrides are the stored overrides kept out of force because
+	// the definitions in force cannot take them, with why.
+	InvalidOverrides map[string]invalidOverride `json:"invalid_overrides,omitempty"`
 	// OverridesRevision is the revision of the shared overrides document
 	// in force (0 before any was written).
 	OverridesRevision uint64       `json:"overrides_revision"`
@@ -254,24 +282,28 @@ type cacheStatus struct {
 }
 
 type flagStatus struct {
-	Key          string               `json:"key"`
-	ID           int64                `json:"id,omitempty"`
-	Version      int64                `json:"version,omitempty"`
-	Active       bool                 `json:"active"`
-	Variants     []string             `json:"variants,omitempty"`
-	Override     *eval.Override       `json:"override,omitempty"`
-	Rollout      *rolloutStatus       `json:"rollout,omitempty"`
-	Local        string               `json:"local"`
-	LocalDetail  []string             `json:"local_detail,omitempty"`
-	Activity     flagActivity         `json:"activity"`
-	VariantStats []proxy.VariantStats `json:"variant_stats,omitempty"`
+	Key      string         `json:"key"`
+	ID       int64          `json:"id,omitempty"`
+	Version  int64          `json:"version,omitempty"`
+	Active   bool           `json:"active"`
+	Variants []string       `json:"variants,omitempty"`
+	Override *eval.Override `json:"override,omitempty"`
+	// InvalidOverride is the flag's stored override when it is not in
+	// force because the flag cannot take it.
+	InvalidOverride *invalidOverride     `json:"invalid_override,omitempty"`
+	Rollout         *rolloutStatus       `json:"rollout,omitempty"`
+	Local           string               `json:"local"`
+	LocalDetail     []string             `json:"local_detail,omitempty"`
+	Activity        flagActivity         `json:"activity"`
+	VariantStats    []proxy.VariantStats `json:"variant_stats,omitempty"`
 }
 
 func (a *App) status(now time.Time) adminStatus {
 	e := a.engine
 	defs := e.definitions()
 	snap := e.snapshot()
-	st := adminStatus{Ready: snap.ready, Source: snap.source, Overrides: snap.overrides, OverridesRevision: snap.overridesRevision}
+	st := adminStatus{Ready: snap.ready, Source: snap.source, Overrides: snap.overrides, OverridesRevision: snap.overridesRevision,
+		InvalidOverrides: snap.invalidOverrides}
 	if !snap.lastFetch.IsZero() {
 		t := snap.lastFetch
 		st.LastFetch = &t
@@ -300,6 +332,9 @@ func (a *App) status(now time.Time) adminStatus {
 			fs.Local, fs.LocalDetail = "never", []string{never}
 		case len(warnings[f.Key]) > 0:
 			fs.Local, fs.LocalDetail = "partly", warnings[f.Key]
+		}
+		if bad, ok := snap.invalidOverrides[f.Key]; ok {
+			fs.InvalidOverride = &bad
 		}
 		if run := e.rollouts.InForce().Run(f.Key); run != nil {
 			rs := rolloutStatusOf(run)

@@ -150,6 +150,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("feature_flags state: %w", err)
 	}
 	a.engine = val.(*engine)
+	a.engine.setLogger(a.logger)
 	minCost := eval.DefaultMinCost
 	if a.CacheMinCost != nil {
 		minCost = int(time.Duration(*a.CacheMinCost).Nanoseconds())

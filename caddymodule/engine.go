@@ -7,7 +7,10 @@ import (
 	"maps"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/flagsplit/flagsplit/eval"
 	"github.com/flagsplit/flagsplit/proxy"
@@ -148,7 +151,22 @@ type engine struct {
 	source    sourceInfo
 	lastFetch time.Time
 	now       func() time.Time
+	// invalid are the stored overrides kept out of force because the
+	// definitions in force cannot take them, by flag.
+	invalid map[string]invalidOverride
+	// logger is the newest config's (the engine outlives configs).
+	logger atomic.Pointer[zap.Logger]
 }
+
+// invalidOverride is a stored override its flag cannot take (or whose flag
+// is not defined): it is kept in storage, out of force, and shown with why.
+type invalidOverride struct {
+	Override eval.Override `json:"override"`
+	Reason   string        `json:"reason"`
+}
+
+// setLogger makes l the engine's logger.
+func (e *engine) setLogger(l *zap.Logger) { e.logger.Store(l) }
 
 // newEngine returns an engine serving empty definitions, on the clock now.
 func newEngine(cacheSize int, now func() time.Time) *engine {
@@ -247,13 +265,75 @@ func (e *engine) apply() {
 
 // applyLocked puts the definitions in force under a new generation, which
 // also retires every cached answer. Callers hold e.mu.
+//
+// Stored overrides are checked against the base definitions here, on every
+// change of either: one another instance wrote, or one written for
+// definitions since changed, may not fit (a rollout_percentage outside
+// 0..100, a variant the flag lacks, a flag not defined). Those stay out of
+// force (the flag evaluates as its definition says) and in storage (the flag
+// may be defined later), and are logged once and shown by the admin API.
 func (e *engine) applyLocked() {
 	overrides := e.overrides.Value()
-	overridesActive.Set(float64(overrides.len()))
 	if e.base == nil {
+		overridesActive.Set(float64(overrides.len()))
 		return
 	}
-	e.store.Swap(e.base.WithOverrides(withRolloutCaps(overrides.m, e.rollouts.InForce())))
+	valid, invalid := checkOverrides(e.base, overrides.m)
+	e.reportInvalidLocked(invalid)
+	overridesActive.Set(float64(len(valid)))
+	e.store.Swap(e.base.WithOverrides(withRolloutCaps(valid, e.rollouts.InForce())))
+}
+
+// checkOverrides splits overrides into those defs can take and the others.
+func checkOverrides(defs *eval.Definitions, overrides map[string]eval.Override) (map[string]eval.Override, map[string]invalidOverride) {
+	var invalid map[string]invalidOverride
+	for flag, o := range overrides {
+		reason := "flag is not defined"
+		if f, ok := defs.Flag(flag); ok {
+			err := o.Validate(f)
+			if err == nil {
+				continue
+			}
+			reason = err.Error()
+		}
+		if invalid == nil {
+			invalid = map[string]invalidOverride{}
+		}
+		invalid[flag] = invalidOverride{Override: o, Reason: reason}
+	}
+	if len(invalid) == 0 {
+		return overrides, nil
+	}
+	valid := make(map[string]eval.Override, len(overrides)-len(invalid))
+	for flag, o := range overrides {
+		if _, bad := invalid[flag]; !bad {
+			valid[flag] = o
+		}
+	}
+	return valid, invalid
+}
+
+// reportInvalidLocked logs the overrides that became invalid, or valid again,
+// and keeps the list for the admin API. Callers hold e.mu.
+func (e *engine) reportInvalidLocked(invalid map[string]invalidOverride) {
+	log := e.logger.Load()
+	if log == nil {
+		log = zap.NewNop()
+	}
+	for flag, bad := range invalid {
+		if old, ok := e.invalid[flag]; !ok || !overridesEqual(old.Override, bad.Override) || old.Reason != bad.Reason {
+			log.Warn("stored override is not valid for the flag definitions in force; it is kept in storage but not in force",
+				zap.String("flag", flag), zap.Any("override", bad.Override), zap.String("reason", bad.Reason))
+		}
+	}
+	for flag := range e.invalid {
+		if _, still := invalid[flag]; !still {
+			if _, stored := e.overrides.Value().get(flag); stored {
+				log.Info("stored override is valid again and in force", zap.String("flag", flag))
+			}
+		}
+	}
+	e.invalid = invalid
 }
 
 // withRolloutCaps merges the operators' overrides with the caps the rollouts
@@ -292,12 +372,13 @@ type engineSnapshot struct {
 	lastFetch         time.Time
 	overrides         map[string]eval.Override
 	overridesRevision uint64
+	invalidOverrides  map[string]invalidOverride
 }
 
 // snapshot returns the control-plane state, consistently.
 func (e *engine) snapshot() engineSnapshot {
 	e.mu.Lock()
-	s := engineSnapshot{ready: e.base != nil, source: e.source, lastFetch: e.lastFetch}
+	s := engineSnapshot{ready: e.base != nil, source: e.source, lastFetch: e.lastFetch, invalidOverrides: maps.Clone(e.invalid)}
 	e.mu.Unlock()
 	v, _ := e.overrides.Current()
 	s.overrides, s.overridesRevision = maps.Clone(v.Value.m), v.Revision

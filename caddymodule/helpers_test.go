@@ -64,6 +64,10 @@ func TestMain(m *testing.M) {
 		caddycmd.Main()
 		return
 	}
+	if storage := os.Getenv(holdLockEnv); storage != "" {
+		holdOverridesLockUntilKilled(storage)
+		return
+	}
 	code, err := runTests(m)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -94,6 +94,11 @@ var (
 		Help: "Requests a selection policy could not send where their flag value routes (that upstream was unavailable); they were served the default upstream, or none, and count as false.",
 	}, []string{"flag", "value"})
 
+	storageDamaged = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "storage_damaged_total",
+		Help: "Damaged copies of shared documents found in storage (once per damaged content), by document (overrides, rollouts, activity).",
+	}, []string{"document"})
+
 	rollbacksTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollbacks_total",
 		Help: "Rollouts rolled back by a guardrail, by flag and guardrail.",
@@ -105,6 +110,7 @@ var collectors = []prometheus.Collector{
 	definitionsLastSuccess, definitionsErrors, definitionsFlags, definitionsReady, overridesActive,
 	identityTotal, malformedIdentityTotal, eventsSent, eventsDropped,
 	rolloutPercentage, rollbacksTotal, fallbacksTotal,
+	storageDamaged,
 }
 
 // registerMetrics adds the collectors to this config's registry.

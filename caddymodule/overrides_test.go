@@ -1,9 +1,11 @@
 package caddymodule
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -123,14 +125,14 @@ func TestOverrideChangesAreValidatedAndDeletesNeedAnOverride(t *testing.T) {
 	if _, err := a.setOverride(ctx, "hero", nil, nil); !errors.Is(err, errNoOverride) {
 		t.Errorf("deleting nothing: %v", err)
 	}
-	writes := a.storage.Stores()
+	writes := a.storage.StoresOf(a.docs.overrides.Key())
 	first, err := a.setOverride(ctx, "hero", &eval.Override{Variant: "test"}, nil)
 	if err != nil || first.revision == 0 {
 		t.Fatal(first, err)
 	}
 	again, err := a.setOverride(ctx, "hero", &eval.Override{Variant: "test"}, nil)
-	if err != nil || again.revision != 0 || a.storage.Stores() != writes+1 {
-		t.Errorf("setting the same override again wrote it again: %+v, %d writes", again, a.storage.Stores()-writes)
+	if err != nil || again.revision != 0 || a.storage.StoresOf(a.docs.overrides.Key()) != writes+1 {
+		t.Errorf("setting the same override again wrote it again: %+v, %d writes", again, a.storage.StoresOf(a.docs.overrides.Key())-writes)
 	}
 	// A conditional delete (what lifting a rollback's kill does) leaves an
 	// override that is not the one expected.
@@ -207,5 +209,131 @@ func TestAdminOverrideEndpoint(t *testing.T) {
 	}
 	if w := do(http.MethodDelete, ""); w.Code != http.StatusNotFound {
 		t.Errorf("DELETE again: %d %s", w.Code, w.Body)
+	}
+}
+
+// Row 11 of the hostile-input probe: stored overrides the definitions cannot
+// take (a rollout_percentage outside 0..100, a variant the flag lacks, a
+// flag not defined) stay out of force, are shown as invalid with why, and
+// stay in storage; the good ones beside them are in force. When the
+// definitions change they are checked again.
+func TestStoredOverridesTheDefinitionsCannotTakeStayOutOfForce(t *testing.T) {
+	ctx := context.Background()
+	defs := `{"flags": [
+		{"key": "checkout", "active": true, "filters": {"groups": [{"rollout_percentage": 100}]}},
+		{"key": "banner", "active": true, "filters": {"groups": [{"rollout_percentage": 100}]}},
+		{"key": "hero", "active": true, "filters": {"groups": [{}], "multivariate": {"variants": [
+			{"key": "control", "rollout_percentage": 100}, {"key": "test", "rollout_percentage": 0}]}}}]}`
+	a := newTestApp(t, []byte(defs), 0)
+	stored := []byte(`{"format": 1, "kind": "overrides", "revision": 7, "updated_at": "2026-11-01T00:00:00Z", "overrides": {
+		"checkout": {"rollout_percentage": 500},
+		"hero": {"variant": "purple"},
+		"ghost": {"killed": true},
+		"banner": {"killed": true}}}`)
+	if err := a.storage.Store(ctx, a.docs.overrides.Key(), stored); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.syncOverrides(ctx); err != nil {
+		t.Fatal(err)
+	}
+	eval1 := func(flag string) eval.Result {
+		return a.engine.definitions().Evaluate(flag, &eval.Subject{DistinctID: "u1"})
+	}
+	if r := eval1("banner"); r.Reason != eval.ReasonKilled {
+		t.Errorf("banner's valid kill switch is not in force: %+v", r)
+	}
+	if r := eval1("checkout"); r.Value() != "true" || r.Reason == eval.ReasonKilled {
+		t.Errorf("checkout with rollout_percentage 500 in storage: %+v, want its definition's answer", r)
+	}
+	if r := eval1("hero"); r.Value() != "control" {
+		t.Errorf("hero with variant purple in storage: %+v, want its definition's answer", r)
+	}
+
+	st := a.status(a.clock.Now())
+	for flag, want := range map[string]string{"checkout": "outside 0..100", "hero": `no variant "purple"`, "ghost": "not defined"} {
+		if got := st.InvalidOverrides[flag]; !strings.Contains(got.Reason, want) {
+			t.Errorf("invalid_overrides[%s] = %+v, want a reason with %q", flag, got, want)
+		}
+	}
+	if _, ok := st.InvalidOverrides["banner"]; ok || len(st.InvalidOverrides) != 3 {
+		t.Errorf("invalid_overrides: %+v", st.InvalidOverrides)
+	}
+	for _, f := range st.Flags {
+		switch f.Key {
+		case "checkout", "hero":
+			if f.InvalidOverride == nil || f.Override != nil {
+				t.Errorf("flag %s: override %+v, invalid %+v", f.Key, f.Override, f.InvalidOverride)
+			}
+		case "banner":
+			if f.InvalidOverride != nil || f.Override == nil || !f.Override.Killed {
+				t.Errorf("flag banner: override %+v, invalid %+v", f.Override, f.InvalidOverride)
+			}
+		}
+	}
+	if got := a.storage.Get(a.docs.overrides.Key()); !bytes.Equal(got, stored) {
+		t.Errorf("the stored overrides were rewritten: %s", got)
+	}
+
+	// ghost is defined now: its kill switch comes into force.
+	withGhost := strings.Replace(defs, `"flags": [`, `"flags": [{"key": "ghost", "active": true, "filters": {"groups": [{}]}},`, 1)
+	if _, err := a.engine.install(definitionsSource{kind: sourceFile, location: "test"}, []byte(withGhost)); err != nil {
+		t.Fatal(err)
+	}
+	if r := eval1("ghost"); r.Reason != eval.ReasonKilled {
+		t.Errorf("ghost once defined: %+v, want its stored kill switch", r)
+	}
+	if st := a.status(a.clock.Now()); len(st.InvalidOverrides) != 2 {
+		t.Errorf("invalid after ghost was defined: %+v", st.InvalidOverrides)
+	}
+}
+
+// Row 12: an override body is exactly one JSON object of known fields, and at
+// most 64 KiB (larger: 413, not read and cut).
+func TestAdminOverrideBodiesAreOneBoundedJSONValue(t *testing.T) {
+	a := newTestApp(t, []byte(overridesTestDefs), 0)
+	huge := `{"variant": "` + strings.Repeat("a", 10<<20) + `"}`
+	for _, c := range []struct {
+		name    string
+		body    string
+		chunked bool
+		status  int
+		says    string
+	}{
+		{"trailing garbage", `{"killed":true} xyz`, false, http.StatusBadRequest, "exactly one JSON value"},
+		{"two values", `{"killed":true}{"killed":false}`, false, http.StatusBadRequest, "exactly one JSON value"},
+		{"two values on lines", "{\"killed\":true}\n{\"rollout_percentage\": 5}\n", false, http.StatusBadRequest, "exactly one JSON value"},
+		{"unknown field", `{"killed":true, "kill": true}`, false, http.StatusBadRequest, "unknown field"},
+		{"empty", ``, false, http.StatusBadRequest, "empty"},
+		{"10 MB", huge, false, http.StatusRequestEntityTooLarge, "limit is 65536"},
+		{"10 MB without a length", huge, true, http.StatusRequestEntityTooLarge, "limit of 65536"},
+		{"just over 64 KiB", `{"killed": true}` + strings.Repeat(" ", 64<<10), false, http.StatusRequestEntityTooLarge, "65536"},
+		{"one value and white space", "  {\"killed\": true}\n\n", false, http.StatusOK, `"killed": true`},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var body io.Reader = strings.NewReader(c.body)
+			if c.chunked {
+				body = io.MultiReader(body) // hides the length
+			}
+			r := httptest.NewRequest(http.MethodPut, "/feature_flags/overrides/checkout", body)
+			w := httptest.NewRecorder()
+			code, out := w.Code, ""
+			if err := a.serveOverride(w, r, "checkout"); err != nil {
+				var apiErr caddy.APIError
+				if !errors.As(err, &apiErr) {
+					t.Fatalf("%v is not an API error", err)
+				}
+				code, out = apiErr.HTTPStatus, apiErr.Message
+			} else {
+				out = w.Body.String()
+			}
+			if code != c.status || !strings.Contains(out, c.says) {
+				t.Errorf("%d %s, want %d with %q", code, out, c.status, c.says)
+			}
+			if c.status != http.StatusOK {
+				if _, set := a.engine.overrides.Value().get("checkout"); set {
+					t.Errorf("a refused body set an override")
+				}
+			}
+		})
 	}
 }

@@ -229,14 +229,14 @@ func TestAnUnchangedUpdateWritesNothing(t *testing.T) {
 	d := newDoc(st)
 	h := storedoc.NewReplica[switches](nil)
 	set(t, d, h, "a", true)
-	writes := st.Stores()
+	writes := st.StoresOf(d.Key())
 	v, changed, err := d.Update(context.Background(), h, func(cur switches, _ uint64) (switches, bool, error) { return cur, false, nil })
-	if err != nil || changed || v.Revision != 1 || st.Stores() != writes {
-		t.Errorf("unchanged update: %+v %v %v, %d writes", v, changed, err, st.Stores()-writes)
+	if err != nil || changed || v.Revision != 1 || st.StoresOf(d.Key()) != writes {
+		t.Errorf("unchanged update: %+v %v %v, %d writes", v, changed, err, st.StoresOf(d.Key())-writes)
 	}
 	refused := errors.New("refused")
-	if _, _, err := d.Update(context.Background(), h, func(cur switches, _ uint64) (switches, bool, error) { return cur, true, refused }); !errors.Is(err, refused) || st.Stores() != writes {
-		t.Errorf("a refused change: %v, %d writes", err, st.Stores()-writes)
+	if _, _, err := d.Update(context.Background(), h, func(cur switches, _ uint64) (switches, bool, error) { return cur, true, refused }); !errors.Is(err, refused) || st.StoresOf(d.Key()) != writes {
+		t.Errorf("a refused change: %v, %d writes", err, st.StoresOf(d.Key())-writes)
 	}
 }
 
