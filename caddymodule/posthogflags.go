@@ -62,8 +62,8 @@ type PostHogFlags struct {
 	app    *App
 	logger *zap.Logger
 	client *posthog.Client // nil without a posthog block: no fill-in
-	all    atomic.Pointer[eval.FlagSet]
-	pool   sync.Pool
+	all    *atomic.Pointer[eval.FlagSet]
+	pool   *sync.Pool
 	// requests[endpoint][answer] and answers[source] are the endpoint's
 	// counters, resolved once.
 	requests [2][answerCount]prometheus.Counter
@@ -135,20 +135,25 @@ func (h *PostHogFlags) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("feature_flags app: %w", err)
 	}
-	h.app = appVal.(*App)
-	h.logger = ctx.Logger()
+	return h.setup(appVal.(*App), ctx.Logger())
+}
+
+// setup prepares the handler for an app.
+func (h *PostHogFlags) setup(app *App, logger *zap.Logger) error {
+	h.app, h.logger = app, logger
 	if h.FillTimeout < 0 {
 		return errors.New("posthog_flags: fill_timeout must be positive")
 	}
 	if h.FillTimeout == 0 {
 		h.FillTimeout = caddy.Duration(defaultFillTimeout)
 	}
-	if h.app.poller != nil {
-		c := *h.app.poller.Client
+	if app.poller != nil {
+		c := *app.poller.Client
 		c.Timeout = time.Duration(h.FillTimeout)
 		h.client = &c
 	}
-	h.pool.New = func() any { return new(flagsScratch) }
+	h.all = new(atomic.Pointer[eval.FlagSet])
+	h.pool = &sync.Pool{New: func() any { return new(flagsScratch) }}
 	for e := range h.requests {
 		for a := range h.requests[e] {
 			h.requests[e][a] = postHogFlagsRequests.WithLabelValues(endpointNames[e], answerNames[a])
