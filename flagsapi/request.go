@@ -83,16 +83,16 @@ type Request struct {
 
 // wireRequest is the JSON body posthog-js sends.
 type wireRequest struct {
-	Token            string                           `json:"token,omitempty"`
-	APIKey           string                           `json:"api_key,omitempty"`
-	DistinctID       json.RawMessage                  `json:"distinct_id,omitempty"`
-	AnonDistinctID   json.RawMessage                  `json:"$anon_distinct_id,omitempty"`
-	DeviceID         json.RawMessage                  `json:"$device_id,omitempty"`
-	Groups           map[string]json.RawMessage       `json:"groups,omitempty"`
-	PersonProperties map[string]eval.Value            `json:"person_properties,omitempty"`
-	GroupProperties  map[string]map[string]eval.Value `json:"group_properties,omitempty"`
-	FlagKeys         []string                         `json:"flag_keys,omitempty"`
-	DisableFlags     json.RawMessage                  `json:"disable_flags,omitempty"`
+	Token            string                     `json:"token,omitempty"`
+	APIKey           string                     `json:"api_key,omitempty"`
+	DistinctID       json.RawMessage            `json:"distinct_id,omitempty"`
+	AnonDistinctID   json.RawMessage            `json:"$anon_distinct_id,omitempty"`
+	DeviceID         json.RawMessage            `json:"$device_id,omitempty"`
+	Groups           map[string]json.RawMessage `json:"groups,omitempty"`
+	PersonProperties map[string]any             `json:"person_properties,omitempty"`
+	GroupProperties  map[string]map[string]any  `json:"group_properties,omitempty"`
+	FlagKeys         []string                   `json:"flag_keys,omitempty"`
+	DisableFlags     json.RawMessage            `json:"disable_flags,omitempty"`
 }
 
 // ErrBodyTooLarge is returned for a body over MaxBodySize.
@@ -107,9 +107,16 @@ func Decode(query url.Values, contentType string, body []byte) (Request, Encodin
 	if err != nil {
 		return Request{}, enc, err
 	}
+	// One decoder for the whole body, numbers kept as their literals (as
+	// eval.Value needs them): cheaper than decoding each property apart.
 	var w wireRequest
-	if err := json.Unmarshal(doc, &w); err != nil {
+	dec := json.NewDecoder(bytes.NewReader(doc))
+	dec.UseNumber()
+	if err := dec.Decode(&w); err != nil {
 		return Request{}, enc, fmt.Errorf("flags request body (%s): %w", enc, err)
+	}
+	if dec.More() {
+		return Request{}, enc, fmt.Errorf("flags request body (%s): data after the JSON object", enc)
 	}
 	req := Request{Token: w.Token, FlagKeys: w.FlagKeys, JSON: doc}
 	if req.Token == "" {
@@ -126,7 +133,9 @@ func Decode(query url.Values, contentType string, body []byte) (Request, Encodin
 	}
 	req.DisableFlags = truthy(w.DisableFlags)
 	if len(w.PersonProperties) > 0 {
-		req.PersonProperties = eval.PropertiesFromMap(w.PersonProperties)
+		if req.PersonProperties, err = properties(w.PersonProperties); err != nil {
+			return Request{}, enc, fmt.Errorf("person_properties: %w", err)
+		}
 	}
 	if len(w.Groups) > 0 {
 		req.Groups = make([]eval.Group, 0, len(w.Groups))
@@ -140,13 +149,29 @@ func Decode(query url.Values, contentType string, body []byte) (Request, Encodin
 			}
 			g := eval.Group{Type: typ, Key: key}
 			if props := w.GroupProperties[typ]; len(props) > 0 {
-				g.Properties = eval.PropertiesFromMap(props)
+				if g.Properties, err = properties(props); err != nil {
+					return Request{}, enc, fmt.Errorf("group_properties.%s: %w", typ, err)
+				}
 			}
 			req.Groups = append(req.Groups, g)
 		}
 		sort.Slice(req.Groups, func(i, j int) bool { return req.Groups[i].Type < req.Groups[j].Type })
 	}
 	return req, enc, nil
+}
+
+// properties converts decoded JSON properties, sorted by key.
+func properties(m map[string]any) (eval.Properties, error) {
+	p := make(eval.Properties, 0, len(m))
+	for k, raw := range m {
+		v, err := eval.FromJSON(raw)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", k, err)
+		}
+		p = append(p, eval.Property{Key: k, Value: v})
+	}
+	sort.Slice(p, func(i, j int) bool { return p[i].Key < p[j].Key })
+	return p, nil
 }
 
 // decodeBody undoes the body's transport encoding and returns the JSON.
