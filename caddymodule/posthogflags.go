@@ -46,8 +46,9 @@ func init() {
 // It answers POST /flags (the v=2 shape with per-flag details, or the legacy
 // one without v) and POST /decide (in the shape its v asks for), whatever
 // body encoding posthog-js used. Every other request, and a flags request
-// for another project (its token is not the configured project key) or one
-// whose body cannot be decoded, goes to the next handler unchanged.
+// for another project (its token is not the configured project key), one
+// whose body cannot be decoded, or one that arrives before any definitions
+// are in force, goes to the next handler unchanged.
 //
 // Flags the edge cannot decide are asked of PostHog in one call when the app
 // has a posthog block (the answers the edge decided are kept); without one
@@ -90,7 +91,8 @@ const (
 	// answerInconclusive: no posthog block; undecided flags served false.
 	answerInconclusive
 	// answerPassed: not answered here (another project's token, a body
-	// that does not decode); the next handler had it.
+	// that does not decode, no definitions in force yet); the next handler
+	// had it.
 	answerPassed
 	// answerInvalid: refused as PostHog refuses it (no distinct_id).
 	answerInvalid
@@ -239,6 +241,12 @@ func (h *PostHogFlags) ServeHTTP(w http.ResponseWriter, r *http.Request, next ca
 		return h.pass(w, r, next, endpoint, sc.body.Bytes())
 	}
 	if key := h.app.ProjectAPIKey(); key != "" && req.Token != key {
+		return h.pass(w, r, next, endpoint, sc.body.Bytes())
+	}
+	// Before any definitions are in force the edge knows no flag: PostHog
+	// answers (checked only when the definitions are empty, so the usual
+	// path takes no lock).
+	if h.app.engine.definitions().Len() == 0 && !h.app.engine.snapshot().ready {
 		return h.pass(w, r, next, endpoint, sc.body.Bytes())
 	}
 	if req.DistinctID == "" && !req.DisableFlags {

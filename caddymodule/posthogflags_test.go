@@ -635,3 +635,66 @@ func counterValue(c prometheus.Counter) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// TestPostHogFlagsBeforeDefinitions: until definitions are in force the edge
+// knows no flag, and PostHog answers.
+func TestPostHogFlagsBeforeDefinitions(t *testing.T) {
+	app := newTestApp(t, e2eDefinitions(t), 1000)
+	app.engine = newEngine(1000, app.clock.Now)
+	h := newTestPostHogFlags(t, app)
+	body := `{"token":"phc_e2e","distinct_id":"u1"}`
+	called := false
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		got, _ := io.ReadAll(r.Body)
+		called = string(got) == body
+		return nil
+	})
+	if err := h.ServeHTTP(httptest.NewRecorder(), flagsRequest(http.MethodPost, "/flags/?v=2", "application/json", []byte(body)), next); err != nil {
+		t.Fatal(err)
+	}
+	if !called {
+		t.Error("not passed on with its body before definitions")
+	}
+	// Definitions with no flags at all are an answer: no flags.
+	if _, err := app.engine.install(definitionsSource{kind: sourceFile, location: "test"}, []byte(`{"flags":[]}`)); err != nil {
+		t.Fatal(err)
+	}
+	w := serveFlags(t, h, flagsRequest(http.MethodPost, "/flags/?v=2", "application/json", []byte(body)))
+	if !strings.HasPrefix(w.Body.String(), `{"flags":{},"errorsWhileComputingFlags":false`) {
+		t.Errorf("empty definitions: %s", w.Body)
+	}
+}
+
+// TestPostHogFlagsFillTimeout: a PostHog that never answers holds the
+// request no longer than fill_timeout; the undecided flag is served false
+// and the rest as decided.
+func TestPostHogFlagsFillTimeout(t *testing.T) {
+	release := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	defer srv.Close()
+	defer close(release)
+	app := newTestApp(t, e2eDefinitions(t), 1000)
+	h := &PostHogFlags{FillTimeout: caddy.Duration(20 * time.Millisecond)}
+	if err := h.setup(app.App, zap.NewNop()); err != nil {
+		t.Fatal(err)
+	}
+	h.client = &posthog.Client{Host: srv.URL, Timeout: time.Duration(h.FillTimeout)}
+	failed := postHogFlagsRequests.WithLabelValues("flags", "fill_failed")
+	before := counterValue(failed)
+	w := serveFlags(t, h, flagsRequest(http.MethodPost, "/flags/?v=2", "application/json", []byte(`{"token":"phc_e2e","distinct_id":"u9","person_properties":{"plan":"pro"}}`)))
+	var va v2Answer
+	if err := json.Unmarshal(w.Body.Bytes(), &va); err != nil {
+		t.Fatal(err)
+	}
+	if c := va.Flags["e2e-continuity"]; c.Enabled || c.Reason.Code != flagsapi.ReasonEdgeInconclusive || !va.ErrorsWhileComputingFlags || len(va.Flags) != 4 {
+		t.Errorf("after a fill-in that timed out: %s", w.Body)
+	}
+	if got := counterValue(failed); got != before+1 {
+		t.Errorf("fill_failed counter %v -> %v", before, got)
+	}
+}
