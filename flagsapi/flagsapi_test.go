@@ -207,8 +207,9 @@ func TestDecodeRejects(t *testing.T) {
 }
 
 func sampleFlags() []Flag {
+	yes := true
 	return []Flag{
-		{Key: "on", Enabled: true, Reason: "condition_match", ConditionIndex: 0, Description: "Matched condition set 1", ID: 1, Version: 3, Payload: json.RawMessage(`"{\"a\": 1}"`)},
+		{Key: "on", Enabled: true, HasExperiment: &yes, Reason: "condition_match", ConditionIndex: 0, Description: "Matched condition set 1", ID: 1, Version: 3, Payload: json.RawMessage(`"{\"a\": 1}"`)},
 		{Key: "mv", Enabled: true, Variant: "test", Reason: "condition_match", ConditionIndex: 1, ID: 2, Version: 1, Payload: json.RawMessage(`{"b": [1, 2]}`)},
 		{Key: "off", Reason: "out_of_rollout_bound", ConditionIndex: 0, ID: 3},
 		{Key: "edge", Reason: ReasonEdgeInconclusive, ConditionIndex: -1, ID: 4, Description: "Not decidable"},
@@ -254,6 +255,12 @@ func TestResponseShapes(t *testing.T) {
 	}
 	if v2["errorsWhileComputingFlags"] != true || v2["requestId"] != "req-1" || v2["evaluatedAt"] != 1.7e12 {
 		t.Errorf("v2 top level %v", v2)
+	}
+	if md := flags["on"].(map[string]any)["metadata"].(map[string]any); md["has_experiment"] != true {
+		t.Errorf("has_experiment: %v", md)
+	}
+	if _, ok := flags["off"].(map[string]any)["metadata"].(map[string]any)["has_experiment"]; ok {
+		t.Error("has_experiment written though unknown")
 	}
 	if p := flags["on"].(map[string]any)["metadata"].(map[string]any)["payload"]; p != `{"a": 1}` {
 		t.Errorf("payload as stored: %v", p)

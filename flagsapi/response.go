@@ -28,6 +28,9 @@ type Flag struct {
 	// ID and Version are PostHog's flag id and version.
 	ID      int64
 	Version int64
+	// HasExperiment is PostHog's metadata.has_experiment, when the
+	// definitions say (nil: not written).
+	HasExperiment *bool
 	// Payload is the payload of the answer as the definitions store it
 	// (usually a JSON string holding JSON, which posthog-js parses), nil for
 	// none. It must be valid JSON.
@@ -248,6 +251,10 @@ func (f *Flag) appendDetail(dst []byte) []byte {
 	} else {
 		dst = append(dst, "null"...)
 	}
+	if f.HasExperiment != nil {
+		dst = append(dst, `,"has_experiment":`...)
+		dst = strconv.AppendBool(dst, *f.HasExperiment)
+	}
 	return append(dst, "}}"...)
 }
 
@@ -364,9 +371,10 @@ type wireResponse struct {
 			Description    string `json:"description"`
 		} `json:"reason"`
 		Metadata *struct {
-			ID      int64           `json:"id"`
-			Version int64           `json:"version"`
-			Payload json.RawMessage `json:"payload"`
+			ID            int64           `json:"id"`
+			Version       int64           `json:"version"`
+			Payload       json.RawMessage `json:"payload"`
+			HasExperiment *bool           `json:"has_experiment"`
 		} `json:"metadata"`
 	} `json:"flags"`
 	FeatureFlags              json.RawMessage            `json:"featureFlags"`
@@ -402,7 +410,7 @@ func ParseResponse(body []byte) (Parsed, error) {
 				}
 			}
 			if d.Metadata != nil {
-				f.ID, f.Version = d.Metadata.ID, d.Metadata.Version
+				f.ID, f.Version, f.HasExperiment = d.Metadata.ID, d.Metadata.Version, d.Metadata.HasExperiment
 				if len(d.Metadata.Payload) > 0 && string(d.Metadata.Payload) != "null" {
 					f.Payload = d.Metadata.Payload
 				}

@@ -25,7 +25,7 @@ const (
 func FromResult(f *eval.Flag, r eval.Result) Flag {
 	out := Flag{Key: r.Key, Enabled: r.Enabled, Variant: r.Variant, ConditionIndex: -1}
 	if f != nil {
-		out.ID, out.Version = f.ID, f.Version
+		out.ID, out.Version, out.HasExperiment = f.ID, f.Version, f.HasExperiment
 	}
 	if r.Payload != nil && r.Enabled {
 		out.Payload = r.Payload.Raw
@@ -58,7 +58,7 @@ func Inconclusive(f *eval.Flag, key string, reason eval.Reason) Flag {
 	out := Flag{Key: key, ConditionIndex: -1, Reason: ReasonEdgeInconclusive,
 		Description: inconclusiveDescription(reason)}
 	if f != nil {
-		out.ID, out.Version = f.ID, f.Version
+		out.ID, out.Version, out.HasExperiment = f.ID, f.Version, f.HasExperiment
 	}
 	return out
 }
