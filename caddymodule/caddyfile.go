@@ -23,6 +23,11 @@ func init() {
 	// before rewrites, handle/route blocks, and reverse_proxy, so matchers and
 	// the selection policy see the results.
 	httpcaddyfile.RegisterDirectiveOrder("feature_flags", httpcaddyfile.Before, "header")
+	// Before respond, and so before reverse_proxy: in the block that proxies
+	// PostHog for posthog-js it answers the flags requests, and the proxy
+	// takes everything else.
+	httpcaddyfile.RegisterHandlerDirective("posthog_flags", parsePostHogFlags)
+	httpcaddyfile.RegisterDirectiveOrder("posthog_flags", httpcaddyfile.Before, "respond")
 }
 
 // parseGlobalOption sets up the app from the global options block. Syntax:

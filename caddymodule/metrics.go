@@ -105,12 +105,24 @@ var (
 	}, []string{"flag", "guardrail"})
 )
 
+var (
+	postHogFlagsRequests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "posthog_flags_requests_total",
+		Help: "posthog-js flags requests seen by posthog_flags, by endpoint (flags, decide) and answer (local, filled, fill_failed, inconclusive, passed, invalid).",
+	}, []string{"endpoint", "answer"})
+
+	postHogFlagsAnswers = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "posthog_flags_answers_total",
+		Help: "Flag answers posthog_flags served, by source: local (decided at the edge), posthog (filled in from PostHog), inconclusive (served false).",
+	}, []string{"source"})
+)
+
 var collectors = []prometheus.Collector{
 	evaluationsTotal, inconclusiveTotal, requestsTotal, requestDuration,
 	definitionsLastSuccess, definitionsErrors, definitionsFlags, definitionsReady, overridesActive,
 	identityTotal, malformedIdentityTotal, eventsSent, eventsDropped,
 	rolloutPercentage, rollbacksTotal, fallbacksTotal,
-	storageDamaged,
+	storageDamaged, postHogFlagsRequests, postHogFlagsAnswers,
 }
 
 // registerMetrics adds the collectors to this config's registry.

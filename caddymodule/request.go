@@ -190,6 +190,9 @@ func (st *requestState) placeholder(key string) (any, bool) {
 	if name == "distinct_id" {
 		return st.identity.DistinctID, true
 	}
+	if name == "bootstrap" {
+		return st.bootstrap(), true
+	}
 	if i, ok := st.bound.index[name]; ok {
 		return st.results.Value(i), true
 	}
