@@ -43,7 +43,7 @@ type EventsConfig struct {
 	// are dropped (and counted) rather than slowing requests. Default: 10000.
 	QueueSize int `json:"queue_size,omitempty"`
 
-	// BatchSize is the most events per request to PostHog. Default: 100.
+	// BatchSize is the most events per request to PostHog. Default: 500.
 	BatchSize int `json:"batch_size,omitempty"`
 
 	// FlushInterval is the longest an event waits for its batch to fill.
@@ -69,14 +69,15 @@ func (c *EventsConfig) validate() error {
 }
 
 // eventPipes holds the event pipes, which outlive a config reload: a reload
-// that keeps the event settings keeps the pipe, its queue and its one
-// delivery loop, so no batch changes hands.
+// that keeps the event settings keeps the pipe, its queue and its delivery
+// loop, so no event changes hands.
 var eventPipes = caddy.NewUsagePool()
 
 // eventPipe is a queue to PostHog plus the memory of what was reported.
 type eventPipe struct {
 	sender    *posthog.Sender
 	exposures *proxy.Exposures
+	logger    *zap.Logger
 	// libVersion is flagsplit's version, reported as $lib_version.
 	libVersion string
 	sent       atomic.Int64
@@ -85,18 +86,28 @@ type eventPipe struct {
 	lastDropLog atomic.Int64
 }
 
-// closeBudget bounds the last delivery when the pipe's last config goes away:
-// events that arrived after its app stopped (requests finishing during the
-// grace period) get this long, then what is left is counted as dropped.
-const closeBudget = time.Second
+// closeBudget bounds the last delivery when the pipe's last config goes away
+// (shutdown, or a reload to other event settings): the queue, the batch being
+// formed and the deliveries under way get this long, then the requests still
+// under way are cancelled and what is undelivered is counted as dropped
+// ("shutdown"). Caddy calls Destruct after every app has stopped, so on
+// shutdown the servers have stopped accepting by then; a reload that keeps
+// the pipe never waits for it.
+const closeBudget = 4 * time.Second
 
 // Destruct implements caddy.Destructor: the last config using the pipe is
-// gone (shutdown, or a reload to other event settings). The sender's loop
-// stops and what remains is delivered within closeBudget.
+// gone. The sender delivers what it holds within closeBudget and stops.
 func (p *eventPipe) Destruct() error {
 	ctx, cancel := context.WithTimeout(context.Background(), closeBudget)
 	defer cancel()
-	return p.sender.Close(ctx)
+	before := p.dropped.Load()
+	start := time.Now()
+	if err := p.sender.Close(ctx); err != nil {
+		p.logger.Warn("the PostHog event sender stopped with events undelivered; they are counted as dropped",
+			zap.Error(err), zap.Duration("took", time.Since(start)), zap.Int64("dropped", p.dropped.Load()-before),
+			zap.Int64("sent_total", p.sent.Load()), zap.Int64("dropped_total", p.dropped.Load()))
+	}
+	return nil
 }
 
 // provisionEvents sets up (or joins) the event pipe for the PostHog project.
@@ -126,7 +137,7 @@ func (a *App) provisionEvents(logger *zap.Logger) error {
 	a.eventsKey = fmt.Sprintf("%s|%s|queue=%d|batch=%d|flush=%s|dedup=%s", a.PostHog.Host, a.PostHog.ProjectAPIKey,
 		cfg.QueueSize, cfg.BatchSize, time.Duration(cfg.FlushInterval), time.Duration(cfg.DedupWindow))
 	val, _, err := eventPipes.LoadOrNew(a.eventsKey, func() (caddy.Destructor, error) {
-		p := &eventPipe{exposures: proxy.NewExposures(time.Duration(cfg.DedupWindow), 0), libVersion: libVersion()}
+		p := &eventPipe{exposures: proxy.NewExposures(time.Duration(cfg.DedupWindow), 0), libVersion: libVersion(), logger: logger}
 		s := posthog.NewSender(a.PostHog.Host, a.PostHog.ProjectAPIKey, cfg.QueueSize)
 		s.BatchSize, s.FlushInterval, s.Timeout = cfg.BatchSize, time.Duration(cfg.FlushInterval), time.Duration(a.PostHog.Timeout)
 		s.UserAgent = userAgent()
@@ -176,17 +187,15 @@ func (a *App) startEvents() {
 	}
 }
 
-// flushEvents sends what was queued under this config now, rather than at the
-// next batch or flush interval; called when the app stops (reload or
-// shutdown). It returns by ctx's deadline however fast requests keep
-// queueing events; what it could not send stays queued, not lost.
-func (a *App) flushEvents(ctx context.Context) {
-	if a.events == nil {
-		return
-	}
-	if err := a.events.sender.Flush(ctx); err != nil {
-		a.logger.Warn("flushing exposure events; the rest is sent by the delivery loop", zap.Error(err),
-			zap.Int("pending", a.events.sender.Pending()))
+// flushEvents has the sender send what was queued under this config now,
+// rather than at the next batch or flush interval; called when the app stops
+// (reload or shutdown). It does not wait for PostHog: on a reload that keeps
+// the event settings the sender carries on with them, and when the pipe's last
+// config goes away its Destruct does the final, bounded delivery. So neither a
+// reload nor a shutdown waits on a slow or hanging /batch/ here.
+func (a *App) flushEvents(context.Context) {
+	if a.events != nil {
+		a.events.sender.FlushAsync()
 	}
 }
 

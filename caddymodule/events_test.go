@@ -4,10 +4,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/flagsplit/flagsplit/posthog"
 	"github.com/flagsplit/flagsplit/posthog/posthogtest"
 )
 
@@ -22,11 +26,19 @@ func eventsDefs(t *testing.T) []byte {
 // eventsSite is postHogSite with exposure events in mode, and matchers on
 // hero and on the flag that is never decided.
 func eventsSite(storage, host, mode string, old, nu *upstream) string {
-	return postHogSite(storage, host, old, nu, "events "+mode+" {\n flush_interval 50ms\n batch_size 50\n}", `
+	return generousTimeout(postHogSite(storage, host, old, nu, "events "+mode+" {\n flush_interval 50ms\n batch_size 50\n}", `
 	@hero_test feature_flag hero test
 	@plan feature_flag needs-plan
 	header @hero_test X-Hero test
-	header @plan X-Plan yes`)
+	header @plan X-Plan yes`))
+}
+
+// generousTimeout gives a test site's PostHog requests 30 s instead of 300 ms.
+// Tests that count events exactly need it: on a loaded machine a /batch/
+// request that times out after the stand-in recorded it is retried, and its
+// events arrive twice (PostHog itself deduplicates them by uuid).
+func generousTimeout(site string) string {
+	return strings.Replace(site, "timeout 300ms", "timeout 30s", 1)
 }
 
 // TestExposureEventsReachPostHog sends requests through a real Caddy and checks
@@ -177,7 +189,7 @@ func eventsPending(t *testing.T) int {
 // TestExposureEventsFlushedOnReload checks that events waiting for their batch
 // are sent when the config that queued them stops, whether the next config
 // keeps the same event settings (the same sender, which must not hold the
-// batch for its flush interval) or has none.
+// batch for its flush interval) or has none (the sender's final delivery).
 func TestExposureEventsFlushedOnReload(t *testing.T) {
 	ph := posthogtest.New(testProjectKey, testPersonalKey, eventsDefs(t))
 	t.Cleanup(ph.Close)
@@ -185,7 +197,7 @@ func TestExposureEventsFlushedOnReload(t *testing.T) {
 	storage := t.TempDir()
 	// Events wait for a full batch of 1000 or an hour: only a flush sends them.
 	slow := "events on {\n flush_interval 1h\n batch_size 1000\n}"
-	load(t, postHogSite(storage, ph.URL, old, nu, slow, ""))
+	load(t, generousTimeout(postHogSite(storage, ph.URL, old, nu, slow, "")))
 	eventually(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
 	send := func(prefix string, n int) {
 		for i := 0; i < n; i++ {
@@ -198,21 +210,108 @@ func TestExposureEventsFlushedOnReload(t *testing.T) {
 		t.Fatalf("%d events sent before the batch filled or the interval passed", len(events))
 	}
 	// A reload with identical event settings: the config that queued them
-	// stops, and its flush delivers them while the reload is under way.
-	start := time.Now()
-	load(t, postHogSite(storage, ph.URL, old, nu, slow, "header X-Reloaded yes"))
-	took := time.Since(start)
-	if events, _ := ph.Events(); len(events) != 20 || eventsPending(t) != 0 {
-		t.Fatalf("after a reload keeping the event settings: %d events delivered, %d pending (reload took %v)", len(events), eventsPending(t), took)
-	}
-	t.Logf("the reload, which delivered the batch, took %v", took)
+	// stops and has the sender send them now, without waiting for PostHog.
+	load(t, generousTimeout(postHogSite(storage, ph.URL, old, nu, slow, "header X-Reloaded yes")))
+	eventsDelivered(t, ph, 20)
 
-	// A reload to a config without events: the old config flushes too.
+	// A reload to a config without events: the sender's final delivery,
+	// which the reload waits for (within its budget).
 	send("dropped-settings", 20)
-	load(t, postHogSite(storage, ph.URL, old, nu, "", ""))
+	load(t, generousTimeout(postHogSite(storage, ph.URL, old, nu, "", "")))
 	if events, _ := ph.Events(); len(events) != 40 {
 		t.Fatalf("after a reload without events: %d events delivered, want 40", len(events))
 	}
+}
+
+// hungBatchSite is a site with events on whose PostHog requests are bounded by
+// a 30 s timeout only, longer than any reload or shutdown deadline: what ends
+// them early is the sender's deadline, nothing else.
+func hungBatchSite(storage, host string, old, nu *upstream, siteExtra string) string {
+	return generousTimeout(postHogSite(storage, host, old, nu, "events on {\n flush_interval 10ms\n batch_size 10\n}", siteExtra))
+}
+
+// queueWhileHung serves n new users while PostHog holds every /batch/ request,
+// and returns once the sender has its four deliveries under way (the rest
+// queued).
+func queueWhileHung(t *testing.T, ph *posthogtest.Server, prefix string, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("%s-%d", prefix, i)})
+	}
+	eventually(t, 5*time.Second, "the deliveries under way", func() bool {
+		return eventsPending(t) == n && ph.BatchesInFlight() == posthog.DefaultMaxInFlight
+	})
+}
+
+// The defect behind a reload that took 34 s while /batch/ hung: a reload that
+// keeps the event settings does not wait for PostHog at all. It returns while
+// PostHog still holds the requests (they are not cut either: the sender
+// carries on with them), and once PostHog answers everything arrives.
+func TestReloadWhileBatchHangsDoesNotWait(t *testing.T) {
+	ph := posthogtest.New(testProjectKey, testPersonalKey, eventsDefs(t))
+	t.Cleanup(ph.Close)
+	release := ph.BlockBatches()
+	t.Cleanup(release)
+	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
+	storage := t.TempDir()
+	load(t, hungBatchSite(storage, ph.URL, old, nu, ""))
+	eventually(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
+	queueWhileHung(t, ph, "hung", 100)
+
+	start := time.Now()
+	load(t, hungBatchSite(storage, ph.URL, old, nu, "header X-Reloaded yes"))
+	took := time.Since(start)
+	// The positive signal: the reload is over and the deliveries it would
+	// have waited for are still held by PostHog, untouched.
+	if n := ph.BatchesInFlight(); n != posthog.DefaultMaxInFlight || ph.BatchesAbandoned() != 0 {
+		t.Fatalf("after the reload: %d requests under way, %d given up", n, ph.BatchesAbandoned())
+	}
+	if took > 3*time.Second { // a guard beside the signal above
+		t.Errorf("the reload took %v with /batch/ hanging", took)
+	}
+	release()
+	eventsDelivered(t, ph, 100)
+	if st := adminStatusOf(t, adminURL).Events; st.Dropped != 0 || st.Sent != 100 {
+		t.Errorf("after PostHog answered: sent %d, dropped %d", st.Sent, st.Dropped)
+	}
+}
+
+// The defect behind a shutdown that outlived its deadline while /batch/ hung:
+// Caddy's Stop ends within the sender's budget because the requests under way
+// are cancelled at its deadline (PostHog sees them given up), and every event
+// not delivered is counted as dropped.
+func TestShutdownWhileBatchHangsEndsAtTheDeadline(t *testing.T) {
+	ph := posthogtest.New(testProjectKey, testPersonalKey, eventsDefs(t))
+	t.Cleanup(ph.Close)
+	release := ph.BlockBatches()
+	t.Cleanup(release)
+	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
+	storage := t.TempDir()
+	load(t, hungBatchSite(storage, ph.URL, old, nu, ""))
+	eventually(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
+	sent, dropped := metricValue(t, "caddy_feature_flags_events_sent_total"), metricValue(t, "caddy_feature_flags_events_dropped_total")
+	queueWhileHung(t, ph, "stopped", 100)
+
+	start := time.Now()
+	if err := caddy.Stop(); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	took := time.Since(start)
+	// When Stop returned, the four requests had been cancelled and all 100
+	// events counted as dropped.
+	eventually(t, 5*time.Second, "PostHog to see the requests given up", func() bool {
+		return ph.BatchesAbandoned() == posthog.DefaultMaxInFlight
+	})
+	if got := metricValue(t, "caddy_feature_flags_events_dropped_total") - dropped; got != 100 {
+		t.Errorf("events_dropped_total rose by %v, want 100", got)
+	}
+	if got := metricValue(t, "caddy_feature_flags_events_sent_total") - sent; got != 0 {
+		t.Errorf("events_sent_total rose by %v", got)
+	}
+	if took > 10*time.Second { // a guard beside the signals above; the budget is 4 s
+		t.Errorf("stop took %v with /batch/ hanging", took)
+	}
+	t.Logf("stop took %v", took)
 }
 
 // TestReloadUnderSteadyTrafficWithEvents reloads while new users keep coming
@@ -225,7 +324,7 @@ func TestReloadUnderSteadyTrafficWithEvents(t *testing.T) {
 	old, nu := newUpstream(t, "old"), newUpstream(t, "new")
 	storage := t.TempDir()
 	events := "events on {\n flush_interval 200ms\n batch_size 20\n}"
-	load(t, postHogSite(storage, ph.URL, old, nu, events, ""))
+	load(t, generousTimeout(postHogSite(storage, ph.URL, old, nu, events, "")))
 	eventually(t, 5*time.Second, "the definitions", func() bool { return adminReady(t) })
 
 	// About 200 new users a second, each served once.
@@ -263,7 +362,7 @@ func TestReloadUnderSteadyTrafficWithEvents(t *testing.T) {
 	eventually(t, 10*time.Second, "traffic", func() bool { return served.Load() >= 300 })
 	for round := 0; round < 3; round++ {
 		start := time.Now()
-		load(t, postHogSite(storage, ph.URL, old, nu, events, fmt.Sprintf("header X-Round %d", round)))
+		load(t, generousTimeout(postHogSite(storage, ph.URL, old, nu, events, fmt.Sprintf("header X-Round %d", round))))
 		if took := time.Since(start); took > 5*time.Second {
 			t.Errorf("reload %d under traffic took %v, more than the 5 s the README promises", round, took)
 		} else {

@@ -27,20 +27,34 @@ type Event struct {
 // Defaults for the event sender.
 const (
 	DefaultQueueSize     = 10000
-	DefaultBatchSize     = 100
+	DefaultBatchSize     = 500
 	DefaultFlushInterval = time.Second
 	DefaultMaxRetries    = 3
+	// DefaultMaxInFlight is how many batches may be in delivery at once. With
+	// batches of 500 it carries 20,000 events/s to a /batch/ that takes 100 ms
+	// to answer, more than a proxy on a small machine serves new users.
+	DefaultMaxInFlight = 4
 )
 
+// abortGrace is how long Close waits, past its deadline, for the deliveries it
+// cancelled to unwind (cancelling a request under way takes Go's transport
+// microseconds; a custom HTTPClient that ignores cancellation is not waited
+// for longer than this).
+const abortGrace = 100 * time.Millisecond
+
 // Sender delivers events to PostHog's /batch/ endpoint: a bounded queue that
-// never blocks the caller, batches, gzip, retries with back-off. What it cannot
-// deliver it counts as dropped: every accepted event is reported exactly once,
-// to Sent or to Dropped.
+// never blocks the caller, batches, gzip, retries with back-off, up to
+// MaxInFlight batches in delivery at once. What it cannot deliver it counts as
+// dropped: every accepted event is reported exactly once, to Sent or to
+// Dropped, by the one function that delivers a batch (deliver).
 //
-// Once started, one delivery loop, owned by the sender, does every delivery;
-// Flush asks it to send what is waiting, and Close stops it. A sender can so
-// outlive the configurations that use it: it is started once and closed when
-// the last one is done with it.
+// One loop, owned by the sender, takes events out of the queue, forms the
+// batches and hands each to a delivery of its own once one of the MaxInFlight
+// slots is free; Flush asks it to send what is waiting and waits for those
+// deliveries, and Close stops it. A sender can so outlive the configurations
+// that use it: it is started once and closed when the last one is done with
+// it. Order between batches is not kept ($feature_flag_called events carry
+// their own timestamps).
 type Sender struct {
 	// Host and ProjectAPIKey address the project.
 	Host          string
@@ -53,6 +67,9 @@ type Sender struct {
 	BatchSize int
 	// FlushInterval is the longest an event waits for a full batch.
 	FlushInterval time.Duration
+	// MaxInFlight bounds the batches in delivery at once (retry back-offs
+	// included). Default: DefaultMaxInFlight.
+	MaxInFlight int
 	// MaxRetries is how many times a failed batch is retried (with back-off
 	// from RetryBackoff, doubling) before its events are dropped.
 	MaxRetries   int
@@ -60,7 +77,8 @@ type Sender struct {
 	// UserAgent identifies the sender.
 	UserAgent string
 	// Sent and Dropped are told how many events were delivered or given up
-	// (queue_full, closed, refused by PostHog, retries_exhausted, shutdown).
+	// (queue_full, closed, refused by PostHog, retries_exhausted, encoding,
+	// shutdown).
 	Sent    func(n int)
 	Dropped func(n int, reason string)
 
@@ -68,40 +86,56 @@ type Sender struct {
 	pending atomic.Int64 // accepted, not yet reported to Sent or Dropped
 
 	// gate orders Enqueue against Close: once closed is set, nothing more
-	// enters the queue, so that Close's final count is complete.
+	// enters the queue, so that Close's final delivery covers everything.
 	gate   sync.RWMutex
 	closed bool
-
-	// token is the right to deliver: whoever holds it (the loop, for its whole
-	// life, a direct Flush before Start, or Close's final delivery) is the only
-	// one posting batches.
-	token chan struct{}
-	// mu guards held and abandoned.
-	mu sync.Mutex
-	// held are events taken out of the queue and not resolved by a delivery
-	// that had to stop (a deadline, Close); the next token holder sends them
-	// first.
-	held []Event
-	// abandoned is set once Close has given up: what is handed back after it
-	// is dropped ("shutdown").
-	abandoned bool
 
 	life         sync.Mutex // guards started and closeStarted
 	started      bool
 	closeStarted bool
-	startedCh    chan struct{} // closed by Start
 	closing      chan struct{} // closed when Close begins
 	closeDone    chan struct{} // closed when Close returns
-	done         chan struct{} // closed when the loop has exited
+	done         chan struct{} // closed when the loop and every delivery have ended
 	flushReqs    chan *flushRequest
+	// stopCtx is the context of every request; abort cancels it at Close's
+	// deadline, and what is under way then is dropped ("shutdown").
+	stopCtx context.Context
+	abort   context.CancelFunc
+	// closeErr is Close's result when the final delivery completed; written
+	// by the loop before done is closed.
+	closeErr error
+
+	// mu guards the deliveries under way and the flush requests' counts.
+	mu       sync.Mutex
+	inFlight map[*batch]struct{}
 }
 
-// flushRequest is a Flush waiting on the loop; err is set before done is
-// closed.
-type flushRequest struct {
-	done chan struct{}
-	err  error
+// batch is one delivery: its events and the flush requests waiting for it.
+type batch struct {
+	events []Event
+	// waiters are the flush requests this batch holds up (guarded by mu).
+	waiters []*flushRequest
+	// hurry is closed when a flush waits for the batch: a retry's back-off
+	// is cut short (hurried guarded by mu).
+	hurry   chan struct{}
+	hurried bool
 }
+
+// flushRequest is a Flush (or Close's final delivery) waiting on the loop.
+// Its fields other than done are guarded by the sender's mu.
+type flushRequest struct {
+	// until is the loop's count of events taken from the queue once the
+	// request's events are all taken.
+	until int64
+	// left counts the batches holding the request's events not yet resolved;
+	// formed is set once the last of them has been formed.
+	left   int
+	formed bool
+	err    error
+	done   chan struct{}
+}
+
+func newFlushRequest() *flushRequest { return &flushRequest{done: make(chan struct{})} }
 
 var errClosed = errors.New("posthog events: sender closed")
 
@@ -111,31 +145,38 @@ func NewSender(host, projectKey string, queueSize int) *Sender {
 	if queueSize <= 0 {
 		queueSize = DefaultQueueSize
 	}
+	ctx, abort := context.WithCancel(context.Background())
 	return &Sender{
 		Host: host, ProjectAPIKey: projectKey,
 		queue:     make(chan Event, queueSize),
-		token:     make(chan struct{}, 1),
-		startedCh: make(chan struct{}),
 		closing:   make(chan struct{}),
 		closeDone: make(chan struct{}),
 		done:      make(chan struct{}),
 		flushReqs: make(chan *flushRequest),
+		stopCtx:   ctx,
+		abort:     abort,
+		inFlight:  map[*batch]struct{}{},
 	}
 }
 
-// Start starts the sender's delivery loop, which sends a batch when it is full
-// or FlushInterval after its first event. Start is idempotent, and does
-// nothing after Close. Before Start, Enqueue queues and Flush delivers in the
-// caller's goroutine.
+// Start starts the sender's loop, which sends a batch when it is full or
+// FlushInterval after its first event. Start is idempotent, and does nothing
+// after Close. Before Start, Enqueue queues; Flush and Close start the loop
+// themselves.
 func (s *Sender) Start() {
 	s.life.Lock()
 	defer s.life.Unlock()
-	if s.started || s.closeStarted {
-		return
+	if !s.closeStarted {
+		s.launch()
 	}
-	s.started = true
-	close(s.startedCh)
-	go s.run()
+}
+
+// launch starts the loop once; the caller holds life.
+func (s *Sender) launch() {
+	if !s.started {
+		s.started = true
+		go s.run()
+	}
 }
 
 // Enqueue queues an event without ever blocking. It reports false, and counts
@@ -169,53 +210,23 @@ func (s *Sender) Pending() int { return int(s.pending.Load()) }
 func (s *Sender) queued() int { return len(s.queue) }
 
 // Flush delivers now every event enqueued before the call, the loop's partial
-// batch included, without waiting for FlushInterval or a full batch. It
-// returns once they are delivered or dropped (with the error of the last
-// failed delivery, if any), or with ctx's error when ctx is done first: never
-// later than ctx's deadline, however fast events keep arriving, since events
-// enqueued after the call are not its business. Events it could not send by
-// then stay with the sender, which goes on sending them.
+// batch and the batches under way included (their retry back-offs are cut
+// short), without waiting for FlushInterval or a full batch. It returns once
+// they are delivered or dropped (with the error of the last failed delivery,
+// if any), or with ctx's error when ctx is done first: never later than ctx's
+// deadline, however fast events keep arriving, since events enqueued after the
+// call are not its business. Events it could not send by then stay with the
+// sender, which goes on sending them.
 //
-// Before Start, Flush delivers in the caller's goroutine, and a request under
-// way is cut at ctx's deadline (its events stay queued). Flush is safe to call
-// concurrently with Enqueue and with other Flush calls; after Close it does
-// nothing.
+// Flush is safe to call concurrently with Enqueue and with other Flush calls;
+// before Start it starts the loop; after Close it does nothing.
 func (s *Sender) Flush(ctx context.Context) error {
-	select {
-	case <-s.closing:
-		return nil
-	default:
-	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	select {
-	case <-s.startedCh:
-		return s.flushLoop(ctx)
-	default:
-	}
-	select {
-	case s.token <- struct{}{}:
-		defer func() { <-s.token }()
-		return s.flushDirect(ctx)
-	case <-s.startedCh:
-		return s.flushLoop(ctx)
-	case <-s.closing:
-		return errClosed
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-// flushLoop hands a flush request to the loop and waits for it.
-func (s *Sender) flushLoop(ctx context.Context) error {
-	req := &flushRequest{done: make(chan struct{})}
-	select {
-	case s.flushReqs <- req:
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-s.done:
-		return errClosed
+	req, err := s.requestFlush(ctx)
+	if req == nil {
+		return err
 	}
 	select {
 	case <-req.done:
@@ -232,71 +243,41 @@ func (s *Sender) flushLoop(ctx context.Context) error {
 	}
 }
 
-// flushDirect delivers, in the caller's goroutine and within ctx, what was
-// held and queued when it started. The caller holds the token.
-func (s *Sender) flushDirect(ctx context.Context) error {
-	batch := s.takeHeld()
-	n := len(s.queue)
-	wait := func(d time.Duration) bool { return sleep(d, ctx.Done(), s.closing) }
-	var err error
-	for {
-		batch, n = s.fill(batch, n)
-		if len(batch) == 0 {
-			return err
-		}
-		if stop := s.stopped(ctx); stop != nil {
-			s.handBack(batch)
-			return stop
-		}
-		ok, derr := s.deliver(ctx, batch, wait)
-		if !ok {
-			s.handBack(batch)
-			if stop := s.stopped(ctx); stop != nil {
-				return stop
-			}
-			return derr
-		}
-		if derr != nil {
-			err = derr
-		}
-		batch = batch[:0]
-	}
-}
+// FlushAsync asks the loop to send its partial batch and what is queued now,
+// as Flush does, without waiting for the deliveries. It does nothing after
+// Close.
+func (s *Sender) FlushAsync() { s.requestFlush(context.Background()) }
 
-// stopped tells why a direct delivery must stop: ctx is done or Close began.
-func (s *Sender) stopped(ctx context.Context) error {
-	if err := ctx.Err(); err != nil {
-		return err
+// requestFlush hands a flush request to the loop; nil when it was not taken
+// (Close began, or ctx ended first: the error says which).
+func (s *Sender) requestFlush(ctx context.Context) (*flushRequest, error) {
+	s.life.Lock()
+	if s.closeStarted {
+		s.life.Unlock()
+		return nil, nil
 	}
+	s.launch()
+	s.life.Unlock()
+	req := newFlushRequest()
 	select {
+	case s.flushReqs <- req:
+		return req, nil
 	case <-s.closing:
-		return errClosed
-	default:
-		return nil
+		return nil, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
 }
 
-// fill tops batch up from the queue to BatchSize, taking at most n events;
-// it returns the batch and how many of the n are left.
-func (s *Sender) fill(batch []Event, n int) ([]Event, int) {
-	for n > 0 && len(batch) < s.batchSize() {
-		select {
-		case e := <-s.queue:
-			batch = append(batch, e)
-			n--
-		default:
-			return batch, 0
-		}
-	}
-	return batch, n
-}
-
-// Close stops the loop (waiting for it, within ctx), then delivers within ctx
-// what remains: the loop's batch and the queue. Whatever is still undelivered
-// at ctx's deadline is counted as dropped ("shutdown"), except a request under
-// way in the loop at that moment, which finishes within Timeout and is counted
-// then. Close returns ctx's error when the deadline cut it short, else the
-// error of the last failed delivery (nil when everything was delivered).
+// Close stops taking events and delivers, within ctx, everything the sender
+// holds: the queue, the loop's batch and the batches under way (their retry
+// back-offs cut short). At ctx's deadline the requests still under way are
+// cancelled, and every event not delivered by then is counted as dropped
+// ("shutdown"; one whose request was cut may have reached PostHog all the
+// same). Close returns by ctx's deadline (plus the moment cancelled requests
+// take to unwind, at most abortGrace), with ctx's error when the deadline cut
+// it short, else the error of the last failed delivery (nil when everything
+// was delivered). The loop and its deliveries have ended when it returns.
 //
 // Close is idempotent and safe from several goroutines: the calls after the
 // first wait for it (within their own ctx). Enqueue after Close drops
@@ -313,167 +294,99 @@ func (s *Sender) Close(ctx context.Context) error {
 		}
 	}
 	s.closeStarted = true
-	started := s.started
+	s.launch()
 	s.life.Unlock()
 	defer close(s.closeDone)
+	defer s.abort()
 
 	s.gate.Lock()
 	s.closed = true
 	s.gate.Unlock()
 	close(s.closing)
 
-	if started {
-		select {
-		case <-s.done:
-		case <-ctx.Done():
-			return s.abandon(ctx.Err())
-		}
-	}
-	// The loop has exited; a direct Flush may still hold the token, and lets it
-	// go at its next step now that closing is closed.
 	select {
-	case s.token <- struct{}{}:
-		defer func() { <-s.token }()
+	case <-s.done:
+		return s.closeErr
 	case <-ctx.Done():
-		return s.abandon(ctx.Err())
 	}
-	batch := s.takeHeld()
-	wait := func(d time.Duration) bool { return sleep(d, ctx.Done(), nil) }
-	var err error
-	for {
-		batch, _ = s.fill(batch, len(s.queue))
-		if len(batch) == 0 {
-			return s.abandon(err)
-		}
-		if ctx.Err() != nil {
-			s.handBack(batch)
-			return s.abandon(ctx.Err())
-		}
-		ok, derr := s.deliver(ctx, batch, wait)
-		if !ok {
-			s.handBack(batch)
-			return s.abandon(ctx.Err())
-		}
-		if derr != nil {
-			err = derr
-		}
-		batch = batch[:0]
-	}
-}
-
-// abandon ends Close: what is held or queued is dropped ("shutdown"), and so is
-// whatever a delivery still under way hands back later.
-func (s *Sender) abandon(err error) error {
-	s.mu.Lock()
-	s.abandoned = true
-	n := len(s.held)
-	s.held = nil
-	s.mu.Unlock()
-	for {
-		select {
-		case <-s.queue:
-			n++
-			continue
-		default:
-		}
-		break
-	}
-	if n > 0 {
-		s.dropped(n, "shutdown")
-	}
-	return err
-}
-
-// handBack keeps events a delivery could not resolve for the next one (or
-// drops them when Close has given up).
-func (s *Sender) handBack(batch []Event) {
-	if len(batch) == 0 {
-		return
-	}
-	s.mu.Lock()
-	abandoned := s.abandoned
-	if !abandoned {
-		s.held = append(s.held, batch...)
-	}
-	s.mu.Unlock()
-	if abandoned {
-		s.dropped(len(batch), "shutdown")
-	}
-}
-
-func (s *Sender) takeHeld() []Event {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	held := s.held
-	s.held = nil
-	return held
-}
-
-// run is the delivery loop. It holds the token for its whole life.
-func (s *Sender) run() {
-	defer close(s.done)
+	s.abort()
+	grace := time.NewTimer(abortGrace)
+	defer grace.Stop()
 	select {
-	case s.token <- struct{}{}:
-	case <-s.closing:
-		return
+	case <-s.done:
+	case <-grace.C:
 	}
-	l := &loop{s: s, interval: s.FlushInterval}
+	return ctx.Err()
+}
+
+// run is the loop: the only reader of the queue, and the only one forming
+// batches and starting deliveries.
+func (s *Sender) run() {
+	l := &loop{s: s, interval: s.FlushInterval, slots: make(chan struct{}, s.maxInFlight())}
 	if l.interval <= 0 {
 		l.interval = DefaultFlushInterval
 	}
-	defer func() {
-		l.disarm()
-		s.handBack(l.batch)
-		<-s.token
-	}()
-	if held := s.takeHeld(); len(held) > 0 {
-		l.batch = held
-		l.arm()
-	}
+	defer close(s.done)
+	defer l.deliveries.Wait()
+	defer l.disarm()
+	var final *flushRequest
+	var finalDone <-chan struct{}
+	closing := s.closing
 	for {
+		bs := s.batchSize()
+		var take <-chan Event
+		if len(l.batch) < bs {
+			take = s.queue
+		}
+		var slot chan<- struct{}
+		if len(l.batch) >= bs || (len(l.batch) > 0 && (l.overdue || (len(l.waiters) > 0 && l.taken >= l.until()))) {
+			slot = l.slots
+		}
 		select {
-		case <-s.closing:
+		case <-closing:
+			// Close's final delivery is a flush of everything: the gate is
+			// shut, so the queue holds all there will ever be.
+			closing = nil
+			final = newFlushRequest()
+			finalDone = final.done
+			l.addFlush(final)
+		case <-finalDone:
+			s.closeErr = final.err
 			return
-		default:
-		}
-		if len(l.waiting) > 0 {
-			if !l.serveFlush() {
-				return
-			}
-			continue
-		}
-		select {
-		case <-s.closing:
+		case <-s.stopCtx.Done():
+			l.abandon()
 			return
 		case req := <-s.flushReqs:
-			l.waiting = append(l.waiting, req)
-		case e := <-s.queue:
+			l.addFlush(req)
+		case e := <-take:
 			l.batch = append(l.batch, e)
+			l.taken++
 			if len(l.batch) == 1 {
 				l.arm()
 			}
-			if len(l.batch) >= s.batchSize() {
-				if ok, _ := l.send(); !ok {
-					return
-				}
-			}
 		case <-l.due:
-			l.due = nil
-			if ok, _ := l.send(); !ok {
-				return
-			}
+			l.due, l.overdue = nil, true
+		case slot <- struct{}{}:
+			l.dispatch()
 		}
 	}
 }
 
-// loop is the delivery loop's own state.
+// loop is the loop's own state.
 type loop struct {
 	s        *Sender
 	interval time.Duration
-	batch    []Event
-	timer    *time.Timer
-	due      <-chan time.Time // fires FlushInterval after the batch's first event
-	waiting  []*flushRequest
+	slots    chan struct{} // one per delivery under way
+	// deliveries are the delivery goroutines, waited for when the loop ends.
+	deliveries sync.WaitGroup
+	batch      []Event
+	taken      int64 // events taken from the queue so far
+	timer      *time.Timer
+	due        <-chan time.Time // fires FlushInterval after the batch's first event
+	overdue    bool             // the batch is due: send it as soon as a slot is free
+	// waiters are the flush requests some of whose events are in the batch
+	// or still queued.
+	waiters []*flushRequest
 }
 
 func (l *loop) arm() {
@@ -489,80 +402,110 @@ func (l *loop) disarm() {
 	}
 }
 
-// send delivers the batch; false means Close began or interrupted it (the
-// batch is kept, for Close). The request itself is bounded by Timeout only:
-// stopping does not abort a delivery PostHog may already have accepted.
-func (l *loop) send() (bool, error) {
-	select {
-	case <-l.s.closing:
-		return false, nil
-	default:
+// until is how many events the loop must have taken to have formed the
+// batches of every waiting flush.
+func (l *loop) until() int64 {
+	var u int64
+	for _, r := range l.waiters {
+		u = max(u, r.until)
 	}
-	ok, err := l.s.deliver(context.Background(), l.batch, l.wait)
-	if !ok {
-		return false, err
+	return u
+}
+
+// addFlush registers a flush request: it waits for every delivery under way,
+// the loop's batch and the events queued now.
+func (l *loop) addFlush(req *flushRequest) {
+	s := l.s
+	req.until = l.taken + int64(len(s.queue))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for b := range s.inFlight {
+		b.waiters = append(b.waiters, req)
+		req.left++
+		if !b.hurried {
+			b.hurried = true
+			close(b.hurry)
+		}
 	}
-	l.batch = l.batch[:0]
+	if len(l.batch) == 0 && req.until <= l.taken {
+		req.formed = true
+		if req.left == 0 {
+			close(req.done)
+		}
+		return
+	}
+	l.waiters = append(l.waiters, req)
+}
+
+// dispatch hands the loop's batch to a delivery of its own; the caller has
+// taken a slot for it.
+func (l *loop) dispatch() {
+	s := l.s
+	b := &batch{events: l.batch, hurry: make(chan struct{})}
+	l.batch = make([]Event, 0, min(s.batchSize(), cap(s.queue)))
 	l.disarm()
-	return true, err
-}
-
-// wait is the loop's retry back-off: cut short by a flush request (taken, to
-// be served after this delivery) or by Close (false).
-func (l *loop) wait(d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case req := <-l.s.flushReqs:
-		l.waiting = append(l.waiting, req)
-		return true
-	case <-l.s.closing:
-		return false
+	l.overdue = false
+	s.mu.Lock()
+	s.inFlight[b] = struct{}{}
+	keep := l.waiters[:0]
+	for _, r := range l.waiters {
+		b.waiters = append(b.waiters, r)
+		r.left++
+		if r.until <= l.taken {
+			r.formed = true
+		} else {
+			keep = append(keep, r)
+		}
 	}
+	clear(l.waiters[len(keep):])
+	l.waiters = keep
+	if len(b.waiters) > 0 {
+		b.hurried = true
+		close(b.hurry)
+	}
+	s.mu.Unlock()
+	l.deliveries.Add(1)
+	go func() {
+		defer l.deliveries.Done()
+		defer func() { <-l.slots }()
+		s.resolve(b, s.deliver(b))
+	}()
 }
 
-// serveFlush answers the waiting flush requests: it sends the partial batch
-// and the events queued now, in batches, then signals the requests. False
-// means Close interrupted it.
-func (l *loop) serveFlush() bool {
-	reqs := l.waiting
-	l.waiting = nil
-	n := len(l.s.queue)
-	var err error
+// abandon ends the loop at Close's deadline: the batch and the queue are
+// dropped ("shutdown"); the deliveries under way, whose requests are being
+// cancelled, drop theirs.
+func (l *loop) abandon() {
+	n := len(l.batch)
+	l.batch = nil
 	for {
-		l.batch, n = l.s.fill(l.batch, n)
-		if len(l.batch) == 0 {
-			break
+		select {
+		case <-l.s.queue:
+			n++
+			continue
+		default:
 		}
-		ok, derr := l.send()
-		if !ok {
-			return false
-		}
-		if derr != nil {
-			err = derr
-		}
+		break
 	}
-	for _, req := range reqs {
-		req.err = err
-		close(req.done)
+	if n > 0 {
+		l.s.dropped(n, "shutdown")
 	}
-	return true
 }
 
-// sleep waits d; false when one of the stop channels (nil ones never fire)
-// is closed first.
-func sleep(d time.Duration, stop1, stop2 <-chan struct{}) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-stop1:
-		return false
-	case <-stop2:
-		return false
+// resolve ends a delivery: the flush requests waiting for it are told, and
+// those it was the last one for are done.
+func (s *Sender) resolve(b *batch, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.inFlight, b)
+	for _, r := range b.waiters {
+		r.left--
+		if err != nil {
+			r.err = err
+		}
+		if r.formed && r.left == 0 {
+			close(r.done)
+		}
 	}
 }
 
@@ -573,18 +516,25 @@ func (s *Sender) batchSize() int {
 	return DefaultBatchSize
 }
 
-// deliver posts one batch, retrying transient failures (5xx, 429, network
-// errors) after back-off waits; other 4xx answers drop it ("refused"), and so
-// do exhausted retries ("retries_exhausted"). ctx bounds the requests (each
-// one is also bounded by Timeout); wait does the back-off and reports false
-// when the delivery must stop. When ctx ends or wait says stop, deliver
-// reports false: the batch is neither delivered nor dropped, and is the
-// caller's to keep.
-func (s *Sender) deliver(ctx context.Context, batch []Event, wait func(time.Duration) bool) (bool, error) {
-	body, err := s.encode(batch)
+func (s *Sender) maxInFlight() int {
+	if s.MaxInFlight > 0 {
+		return s.MaxInFlight
+	}
+	return DefaultMaxInFlight
+}
+
+// deliver posts one batch, and is the one place that decides what becomes of
+// its events: delivered (Sent), or dropped when PostHog refuses them (a 4xx
+// other than 429: "refused"), when transient failures (5xx, 429, network
+// errors) outlast the retries ("retries_exhausted"), or when Close's deadline
+// cancels the delivery ("shutdown"). Retries wait a doubling back-off, cut
+// short once a flush waits for the batch. It returns the last error.
+func (s *Sender) deliver(b *batch) error {
+	ctx, n := s.stopCtx, len(b.events)
+	body, err := s.encode(b.events)
 	if err != nil {
-		s.dropped(len(batch), "encoding")
-		return true, err
+		s.dropped(n, "encoding")
+		return err
 	}
 	backoff := s.RetryBackoff
 	if backoff <= 0 {
@@ -599,23 +549,30 @@ func (s *Sender) deliver(ctx context.Context, batch []Event, wait func(time.Dura
 	for attempt := 0; ; attempt++ {
 		err = s.post(ctx, body)
 		if err == nil {
-			s.sent(len(batch))
-			return true, nil
+			s.sent(n)
+			return nil
 		}
 		var se *StatusError
-		if errors.As(err, &se) && se.StatusCode >= 400 && se.StatusCode < 500 && se.StatusCode != http.StatusTooManyRequests {
-			s.dropped(len(batch), "refused")
-			return true, err
+		switch {
+		case errors.As(err, &se) && se.StatusCode >= 400 && se.StatusCode < 500 && se.StatusCode != http.StatusTooManyRequests:
+			s.dropped(n, "refused")
+			return err
+		case ctx.Err() != nil:
+			s.dropped(n, "shutdown")
+			return err
+		case attempt >= retries:
+			s.dropped(n, "retries_exhausted")
+			return err
 		}
-		if ctx.Err() != nil {
-			return false, err
-		}
-		if attempt >= retries {
-			s.dropped(len(batch), "retries_exhausted")
-			return true, err
-		}
-		if !wait(backoff) {
-			return false, err
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-b.hurry:
+			t.Stop()
+		case <-ctx.Done():
+			t.Stop()
+			s.dropped(n, "shutdown")
+			return err
 		}
 		backoff *= 2
 	}
@@ -644,7 +601,9 @@ func (s *Sender) drop(n int, reason string) {
 
 func (s *Sender) encode(batch []Event) ([]byte, error) {
 	var buf bytes.Buffer
-	zw := gzip.NewWriter(&buf)
+	// The fastest level: batches of similar JSON events compress well at any
+	// level, and the sender's CPU is the proxy's.
+	zw, _ := gzip.NewWriterLevel(&buf, gzip.BestSpeed)
 	err := json.NewEncoder(zw).Encode(struct {
 		APIKey string    `json:"api_key"`
 		Batch  []Event   `json:"batch"`

@@ -131,7 +131,14 @@ func TestSenderBatchesAndDelivers(t *testing.T) {
 	if len(events) != 25 || batches < 3 {
 		t.Errorf("server got %d events in %d batches (batch size 10)", len(events), batches)
 	}
-	if e := events[0]; e.Event != "$feature_flag_called" || e.DistinctID != "user-0" || e.Properties["$feature_flag"] != "checkout" || e.Timestamp == "" || e.APIKey != projectKey {
+	// Batches travel side by side, so their order is not kept.
+	ids := distinctIDs(t, srv)
+	for i := 0; i < 25; i++ {
+		if !ids["user-"+strconv.Itoa(i)] {
+			t.Errorf("event %d missing", i)
+		}
+	}
+	if e := events[0]; e.Event != "$feature_flag_called" || e.Properties["$feature_flag"] != "checkout" || e.Timestamp == "" || e.APIKey != projectKey {
 		t.Errorf("event %+v", e)
 	}
 	if err := closeSender(t, s); err != nil || s.Pending() != 0 || counts.dropped.Load() != 0 {
@@ -174,7 +181,7 @@ func TestSenderNeverBlocksAndCountsDrops(t *testing.T) {
 	if time.Since(start) > 100*time.Millisecond || counts.dropped.Load() != 3 || <-counts.reasons != "queue_full" || s.Pending() != 5 {
 		t.Errorf("full queue: took %v, dropped %d, pending %d", time.Since(start), counts.dropped.Load(), s.Pending())
 	}
-	// Before Start, Flush delivers in the caller's goroutine.
+	// Before Start, Flush starts the loop and waits for its deliveries.
 	if err := s.Flush(context.Background()); err != nil || counts.sent.Load() != 5 || s.Pending() != 0 {
 		t.Errorf("flush: %v, sent %d, pending %d", err, counts.sent.Load(), s.Pending())
 	}
@@ -341,10 +348,10 @@ func TestSenderFlushSendsTheLoopsPartialBatch(t *testing.T) {
 	closeSender(t, s)
 }
 
-// hungDelivery starts a sender with batches of 5 and n events, and returns
-// once its first batch is in a delivery PostHog holds unanswered until
-// release; then it calls stop with a 200 ms deadline and checks that stop
-// returns the deadline error by then.
+// hungDelivery starts a sender with batches of 5 and n events (n <= 20), and
+// returns once all its batches are in deliveries PostHog holds unanswered
+// until release; then it calls stop with a 200 ms deadline and checks that
+// stop returns the deadline error by then.
 func hungDelivery(t *testing.T, n int, stop func(*Sender, context.Context) error) (srv *posthogtest.Server, s *Sender, counts *eventCounts, release func()) {
 	t.Helper()
 	srv = posthogtest.New(projectKey, personalKey, []byte(defsV1))
@@ -357,7 +364,8 @@ func hungDelivery(t *testing.T, n int, stop func(*Sender, context.Context) error
 	for i := 0; i < n; i++ {
 		s.Enqueue(flagEvent(i))
 	}
-	eventually(t, "a batch in flight", func() bool { return srv.BatchesInFlight() == 1 })
+	batches := int64((n + 4) / 5)
+	eventually(t, "every batch in flight", func() bool { return srv.BatchesInFlight() == batches })
 	ctx, cancel := timeout(200 * time.Millisecond)
 	defer cancel()
 	start := time.Now()
@@ -420,6 +428,8 @@ func TestSenderCloseDeliversTheRetryingBatch(t *testing.T) {
 	}
 }
 
+// Close hurries a retrying delivery: against an unreachable PostHog the
+// retries are spent at once and the events dropped, before the deadline.
 func TestSenderCloseDropsWhatPostHogCannotTake(t *testing.T) {
 	for _, started := range []bool{true, false} {
 		t.Run("started="+strconv.FormatBool(started), func(t *testing.T) {
@@ -431,33 +441,34 @@ func TestSenderCloseDropsWhatPostHogCannotTake(t *testing.T) {
 			for i := 0; i < 4; i++ {
 				s.Enqueue(flagEvent(i))
 			}
-			ctx, cancel := timeout(150 * time.Millisecond)
+			ctx, cancel := timeout(5 * time.Second)
 			defer cancel()
-			start := time.Now()
 			err := s.Close(ctx)
-			if took := time.Since(start); !errors.Is(err, context.DeadlineExceeded) || took > time.Second {
-				t.Errorf("close with PostHog unreachable: %v after %v", err, took)
+			if err == nil || errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("close with PostHog unreachable: %v; want the delivery's error", err)
 			}
-			if started {
-				waitLoopExit(t, s)
-			}
-			if counts.sent.Load() != 0 || counts.dropped.Load() != 4 || counts.reason("shutdown") != 4 || s.Pending() != 0 {
+			waitLoopExit(t, s)
+			if counts.sent.Load() != 0 || counts.dropped.Load() != 4 || counts.reason("retries_exhausted") != 4 || s.Pending() != 0 {
 				t.Errorf("sent %d, dropped %v, pending %d", counts.sent.Load(), counts.byReason, s.Pending())
 			}
 		})
 	}
 }
 
+// The defect behind a shutdown that outlived its deadline: at Close's deadline
+// the requests under way are cancelled, not left to run out their Timeout, and
+// every event they carried is counted as dropped by the time Close returns.
 func TestSenderCloseBlockedPastItsDeadline(t *testing.T) {
-	_, s, counts, release := hungDelivery(t, 12, (*Sender).Close)
-	// The 7 queued events are given up; the 5 under way are the request's.
-	if counts.reason("shutdown") != 7 || counts.dropped.Load() != 7 || s.Pending() != 5 {
-		t.Fatalf("at Close's deadline: dropped %v, pending %d", counts.byReason, s.Pending())
+	srv, s, counts, _ := hungDelivery(t, 12, (*Sender).Close)
+	if counts.reason("shutdown") != 12 || counts.dropped.Load() != 12 || counts.sent.Load() != 0 || s.Pending() != 0 {
+		t.Fatalf("when Close returned: dropped %v, sent %d, pending %d", counts.byReason, counts.sent.Load(), s.Pending())
 	}
-	release()
+	// The loop and its deliveries have ended, and the stand-in saw each of
+	// the three requests given up by the client.
 	waitLoopExit(t, s)
-	if counts.sent.Load() != 5 || counts.dropped.Load() != 7 || s.Pending() != 0 {
-		t.Errorf("after the release: sent %d, dropped %d, pending %d", counts.sent.Load(), counts.dropped.Load(), s.Pending())
+	eventually(t, "the stand-in to see the requests cancelled", func() bool { return srv.BatchesAbandoned() == 3 })
+	if _, batches := srv.Events(); batches != 0 {
+		t.Errorf("%d batches answered", batches)
 	}
 }
 
@@ -506,42 +517,75 @@ func TestSenderCloseIsIdempotentAndFinal(t *testing.T) {
 	}
 }
 
-// A Start while a direct Flush is delivering must wait for it: deliveries never
-// overlap.
-func TestSenderStartDuringDirectFlush(t *testing.T) {
+// Several batches are delivered at once, never more than MaxInFlight: with
+// PostHog holding every request, exactly MaxInFlight are under way while the
+// loop holds the next full batch and the rest stays queued.
+func TestSenderBatchesInFlightBounded(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
 	release := srv.BlockBatches()
 	defer srv.Close()
 	defer release()
 	s, counts := newTestSender(srv, 100)
-	for i := 0; i < 30; i++ {
+	s.BatchSize, s.MaxInFlight = 5, 3
+	s.Start()
+	for i := 0; i < 50; i++ {
 		s.Enqueue(flagEvent(i))
 	}
-	flushed := make(chan error, 1)
-	go func() {
-		ctx, cancel := timeout(10 * time.Second)
-		defer cancel()
-		flushed <- s.Flush(ctx)
-	}()
-	eventually(t, "the direct flush's first request", func() bool { return srv.BatchesInFlight() == 1 })
-	s.Start()
-	for i := 30; i < 40; i++ { // a full batch for the loop
-		s.Enqueue(flagEvent(i))
+	eventually(t, "three batches in flight", func() bool { return srv.BatchesInFlight() == 3 })
+	// The loop has formed a fourth batch and waits for a slot: 15 events in
+	// flight, 5 in its batch, 30 still queued.
+	eventually(t, "the loop to wait for a slot", func() bool { return s.queued() == 30 })
+	if n := srv.MaxBatchesInFlight(); n != 3 || s.Pending() != 50 {
+		t.Fatalf("%d deliveries ran at once (bound 3), %d pending", n, s.Pending())
 	}
 	release()
-	if err := <-flushed; err != nil {
-		t.Fatalf("direct flush: %v", err)
-	}
-	ctx, cancel := timeout(5 * time.Second)
+	ctx, cancel := timeout(10 * time.Second)
 	defer cancel()
-	if err := s.Flush(ctx); err != nil || counts.sent.Load() != 40 || s.Pending() != 0 {
-		t.Errorf("flush through the loop: %v, sent %d, pending %d", err, counts.sent.Load(), s.Pending())
+	if err := s.Flush(ctx); err != nil || counts.sent.Load() != 50 || s.Pending() != 0 {
+		t.Errorf("after the release: %v, sent %d, pending %d", err, counts.sent.Load(), s.Pending())
 	}
-	if n := srv.MaxBatchesInFlight(); n != 1 {
-		t.Errorf("%d deliveries ran at once", n)
+	if n := srv.MaxBatchesInFlight(); n != 3 {
+		t.Errorf("%d deliveries ran at once (bound 3)", n)
 	}
-	if ids := distinctIDs(t, srv); len(ids) != 40 {
+	if ids := distinctIDs(t, srv); len(ids) != 50 {
 		t.Errorf("server got %d distinct events", len(ids))
+	}
+	closeSender(t, s)
+}
+
+// The defect behind exposure events lost under load: a steady 10,000 events/s
+// against a /batch/ that takes 100 ms to answer, with a queue that holds only
+// a fifth of a second of them, loses nothing with the default batch size and
+// deliveries in flight (one batch of 100 at a time carries 1,000 events/s).
+func TestSenderSustainsTrafficAgainstSlowPostHog(t *testing.T) {
+	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
+	defer srv.Close()
+	srv.SetBatchDelay(100 * time.Millisecond)
+	s, counts := newTestSender(srv, 2000)
+	s.BatchSize, s.MaxInFlight = 0, 0 // the defaults
+	s.Start()
+	const total, perTick = 20000, 10
+	tick := time.NewTicker(time.Millisecond) // pacing: at most 10,000 events/s
+	for i := 0; i < total; i += perTick {
+		<-tick.C
+		for j := i; j < i+perTick; j++ {
+			s.Enqueue(flagEvent(j))
+		}
+	}
+	tick.Stop()
+	ctx, cancel := timeout(30 * time.Second)
+	defer cancel()
+	if err := s.Flush(ctx); err != nil {
+		t.Fatalf("flush: %v", err)
+	}
+	if counts.dropped.Load() != 0 || counts.sent.Load() != total || s.Pending() != 0 {
+		t.Errorf("sent %d, dropped %v, pending %d", counts.sent.Load(), counts.byReason, s.Pending())
+	}
+	if ids := distinctIDs(t, srv); len(ids) != total {
+		t.Errorf("server got %d distinct events, want %d", len(ids), total)
+	}
+	if n := srv.MaxBatchesInFlight(); n > DefaultMaxInFlight {
+		t.Errorf("%d deliveries ran at once", n)
 	}
 	closeSender(t, s)
 }

@@ -5,6 +5,7 @@
 package posthogtest
 
 import (
+	"bytes"
 	"compress/gzip"
 	"crypto/sha256"
 	"encoding/json"
@@ -44,6 +45,7 @@ type Server struct {
 	batchBlock      chan struct{} // when non-nil, /batch/ waits until it is closed
 	batchInFlight   atomic.Int64
 	batchMaxFlight  atomic.Int64
+	batchAbandoned  atomic.Int64
 }
 
 // CapturedEvent is an event received on /batch/.
@@ -179,6 +181,11 @@ func (s *Server) BatchesInFlight() int64 { return s.batchInFlight.Load() }
 // MaxBatchesInFlight returns the most /batch/ requests handled at once so far.
 func (s *Server) MaxBatchesInFlight() int64 { return s.batchMaxFlight.Load() }
 
+// BatchesAbandoned returns how many /batch/ requests their client gave up
+// (cancelled, timed out, closed the connection) while they waited on
+// SetBatchDelay or BlockBatches.
+func (s *Server) BatchesAbandoned() int64 { return s.batchAbandoned.Load() }
+
 func (s *Server) serveBatch(w http.ResponseWriter, r *http.Request) {
 	s.batchAttempts.Add(1)
 	n := s.batchInFlight.Add(1)
@@ -196,10 +203,18 @@ func (s *Server) serveBatch(w http.ResponseWriter, r *http.Request) {
 		forced = s.batchFailStatus
 	}
 	s.mu.Unlock()
+	// The body is read before waiting, as a real server reads it: only then
+	// does net/http watch the connection and cancel r.Context() when the
+	// client gives up.
+	raw, err := io.ReadAll(r.Body)
+	if err != nil {
+		return
+	}
 	if delay > 0 {
 		select {
 		case <-time.After(delay):
 		case <-r.Context().Done():
+			s.batchAbandoned.Add(1)
 			return
 		}
 	}
@@ -207,6 +222,7 @@ func (s *Server) serveBatch(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-block:
 		case <-r.Context().Done():
+			s.batchAbandoned.Add(1)
 			return
 		}
 	}
@@ -215,9 +231,9 @@ func (s *Server) serveBatch(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, `{"type":"server_error","detail":"forced %d"}`, forced)
 		return
 	}
-	var body io.Reader = r.Body
+	var body io.Reader = bytes.NewReader(raw)
 	if r.Header.Get("Content-Encoding") == "gzip" {
-		zr, err := gzip.NewReader(r.Body)
+		zr, err := gzip.NewReader(body)
 		if err != nil {
 			http.Error(w, `{"detail":"bad gzip"}`, http.StatusBadRequest)
 			return
