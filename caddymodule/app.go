@@ -278,7 +278,9 @@ func (a *App) goEvery(ctx context.Context, interval time.Duration, f func(contex
 }
 
 // stopBudget bounds what Stop does after the background work has ended:
-// flushing exposure events and storing flag activity. A reload waits for it.
+// storing flag activity. A reload waits for it; it never waits for PostHog,
+// since the event flush Stop starts is asynchronous (the pipe's Destruct
+// bounds the last delivery).
 const stopBudget = 4 * time.Second
 
 // Stop stops the background work, puts the previous config's rollouts back if
@@ -292,7 +294,7 @@ func (a *App) Stop() error {
 	a.stopRollouts()
 	ctx, cancel := context.WithTimeout(context.Background(), stopBudget)
 	defer cancel()
-	a.flushEvents(ctx)
+	a.flushEvents()
 	a.storeActivity(ctx)
 	return nil
 }

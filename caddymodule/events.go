@@ -193,7 +193,7 @@ func (a *App) startEvents() {
 // the event settings the sender carries on with them, and when the pipe's last
 // config goes away its Destruct does the final, bounded delivery. So neither a
 // reload nor a shutdown waits on a slow or hanging /batch/ here.
-func (a *App) flushEvents(context.Context) {
+func (a *App) flushEvents() {
 	if a.events != nil {
 		a.events.sender.FlushAsync()
 	}
