@@ -100,11 +100,29 @@ var (
 	}, []string{"flag", "guardrail"})
 )
 
+var (
+	rolloutDryRun = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollout_dry_run",
+		Help: "1 for a rollout that runs as a dry run (judged and reported, not enforced), 0 otherwise.",
+	}, []string{"flag"})
+
+	rolloutSampleRatioMismatch = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollout_sample_ratio_mismatch",
+		Help: "1 while a rollout's sample-ratio check finds the split of users between the sides unlike the configured one (the ramp holds), 0 otherwise.",
+	}, []string{"flag"})
+
+	breachesTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollout_breaches_total",
+		Help: "Guardrail breaches and sample-ratio mismatches (guardrail sample_ratio) of rollouts, by flag, guardrail, what the ramp did (rolled_back or held) and whether it was a dry run.",
+	}, []string{"flag", "guardrail", "action", "dry_run"})
+)
+
 var collectors = []prometheus.Collector{
 	evaluationsTotal, inconclusiveTotal, requestsTotal, requestDuration,
 	definitionsLastSuccess, definitionsErrors, definitionsFlags, definitionsReady, overridesActive,
 	identityTotal, malformedIdentityTotal, eventsSent, eventsDropped,
 	rolloutPercentage, rollbacksTotal, fallbacksTotal,
+	rolloutDryRun, rolloutSampleRatioMismatch, breachesTotal,
 }
 
 // registerMetrics adds the collectors to this config's registry.

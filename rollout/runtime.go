@@ -71,9 +71,13 @@ type Change struct {
 	// From and To are the percentages before and after, for promotions,
 	// completions and breaches.
 	From, To float64
-	// Guardrail and EValue name the breached guardrail.
+	// Guardrail and EValue name the breached guardrail (SampleRatioGuard
+	// for a sample-ratio mismatch).
 	Guardrail string
 	EValue    float64
+	// DryRun says the rollout is a dry run: the change is what it would
+	// have done, and nothing of it is enforced.
+	DryRun bool
 }
 
 // Hooks connect a Runtime to what surrounds it. Every field is optional.
@@ -167,6 +171,14 @@ func (r *Run) Observe(value string, failed bool, latency time.Duration) {
 	r.ramp.Load().Observe(ArmOf(value), failed, latency)
 }
 
+// ObserveUser reports the user behind a request served with the flag at value
+// (see ArmOf), whose answer was decided by the flag's conditions and hash,
+// for the sample-ratio check (see Ramp.ObserveUser). It is lock-free for
+// users outside the ramp's sample and does not allocate.
+func (r *Run) ObserveUser(id, value string, share float64) {
+	r.ramp.Load().ObserveUser(id, ArmOf(value), share)
+}
+
 // RunStatus is a run's state as an operator sees it.
 type RunStatus struct {
 	Status
@@ -249,7 +261,7 @@ func (r *Run) adoptLocked(rec Record, now time.Time) bool {
 func (r *Run) change(kind string) Change {
 	ramp := r.ramp.Load()
 	p := ramp.Progress()
-	return Change{Flag: r.flag, Kind: kind, State: p.State, Step: p.Step, Percentage: ramp.Percentage()}
+	return Change{Flag: r.flag, Kind: kind, State: p.State, Step: p.Step, Percentage: ramp.Percentage(), DryRun: ramp.DryRun()}
 }
 
 // Set is the rollouts of one configuration, by flag.
@@ -514,7 +526,9 @@ func (rt *Runtime) Tick(ctx context.Context, hooks Hooks) {
 			rt.enforce()
 			ch := run.change(ev.Kind)
 			ch.From, ch.To, ch.Guardrail, ch.EValue = ev.From, ev.To, ev.Guardrail, ev.EValue
-			if ev.Kind == EventRolledBack && rt.hooks.Kill != nil {
+			// The ramp's Cap says whether its state kills the flag (a dry
+			// run's never does), for the override as for the proxy.
+			if ev.Kind == EventRolledBack && run.ramp.Load().Cap().Killed && rt.hooks.Kill != nil {
 				// The kill is also an ordinary override: it holds when
 				// the rollout is removed from the configuration, and
 				// every instance sharing the storage obeys it.
