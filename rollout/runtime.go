@@ -117,6 +117,9 @@ type Record struct {
 	// attempt supersedes whatever an earlier one reached.
 	Attempt   uint64    `json:"attempt,omitempty"`
 	UpdatedAt time.Time `json:"updated_at"`
+	// DryRun says the progress is a dry run's, which an enforced rollout
+	// never carries on from: what a dry run reached was never enforced.
+	DryRun bool `json:"dry_run,omitempty"`
 }
 
 // Records is the progress document shared by the instances using one
@@ -207,7 +210,7 @@ func (r *Run) Status() RunStatus {
 // record is the run's progress as a record written at rev. Callers hold r.mu.
 func (r *Run) recordLocked(rev uint64, now time.Time) Record {
 	return Record{Fingerprint: r.fingerprint, Progress: r.ramp.Load().Progress(), KillOverride: r.killOverride,
-		Rev: rev, Attempt: r.attempt, UpdatedAt: now}
+		Rev: rev, Attempt: r.attempt, UpdatedAt: now, DryRun: r.cfg.DryRun}
 }
 
 // supersededBy reports whether a stored record replaces what the run is at.
@@ -399,11 +402,12 @@ func (rt *Runtime) Start(ctx context.Context, set *Set, doc *storedoc.Doc[Record
 		run.mu.Lock()
 		if !run.restored {
 			run.restored = true
-			if rec, ok := stored.Value.Rollouts[flag]; ok && carry(run.ramp.Load(), rec.Progress, rec.Fingerprint == run.fingerprint) {
+			if rec, ok := stored.Value.Rollouts[flag]; ok && rec.DryRun == run.cfg.DryRun &&
+				carry(run.ramp.Load(), rec.Progress, rec.Fingerprint == run.fingerprint) {
 				run.rev, run.stamp, run.attempt, run.killOverride = rec.Rev, rec.UpdatedAt, rec.Attempt, rec.KillOverride
 			}
 		}
-		if old := previous.Run(flag); old != nil {
+		if old := previous.Run(flag); old != nil && old.cfg.DryRun == run.cfg.DryRun {
 			old.mu.Lock()
 			if carry(run.ramp.Load(), old.ramp.Load().Progress(), false) {
 				run.rev, run.stamp, run.attempt, run.killOverride = old.rev, old.stamp, old.attempt, old.killOverride
@@ -420,7 +424,8 @@ func (rt *Runtime) Start(ctx context.Context, set *Set, doc *storedoc.Doc[Record
 
 // carry restores progress p into ramp. The progress of a rollout that had
 // ended is only carried for the same configuration: a changed configuration
-// is a new attempt.
+// is a new attempt. (Callers never carry a dry run's progress into an
+// enforced rollout, nor the reverse.)
 func carry(ramp *Ramp, p Progress, sameConfig bool) bool {
 	if p.State.Ended() && !sameConfig {
 		return false

@@ -233,3 +233,31 @@ func TestTheRuntimeKillsOnlyForAnEnforcedRollback(t *testing.T) {
 }
 
 func nan() float64 { return math.NaN() }
+
+// Turning a dry run into an enforced rollout starts it from its first step,
+// after a reload as after a restart: what the dry run reached was never
+// enforced, so no user has been exposed at its step yet.
+func TestAnEnforcedRolloutDoesNotCarryOnFromADryRun(t *testing.T) {
+	st := storedoctest.NewMemory()
+	clock := &fakeClock{now: time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)}
+	dry := runtimeConfig()
+	dry.DryRun = true
+	in := newInstance(t, st, clock, dry)
+	in.serve(30, false)
+	clock.Advance(2 * time.Minute)
+	in.tick()
+	in.want(Running, 1)
+
+	// A reload of the same instance with dry_run off.
+	in.start(runtimeConfig(), st)
+	in.want(Running, 0)
+	if in.run().Ramp().Cap() != (Cap{Percentage: 10}) {
+		t.Fatalf("enforced after the dry run: %+v", in.run().Ramp().Cap())
+	}
+	// A restart (a new runtime over the same storage) likewise.
+	restarted := newInstance(t, st, clock, runtimeConfig())
+	restarted.want(Running, 0)
+	// While a dry run restarted carries on where it was.
+	again := newInstance(t, st, clock, dry)
+	again.want(Running, 1)
+}
