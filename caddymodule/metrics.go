@@ -86,7 +86,7 @@ var (
 var (
 	rolloutPercentage = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollout_percentage",
-		Help: "Percentage a rollout currently lets through to the new side (0 once rolled back or aborted).",
+		Help: "Percentage a rollout currently lets through to the new side (0 once rolled back or aborted; for a dry run, what it would let through).",
 	}, []string{"flag"})
 
 	fallbacksTotal = prometheus.NewCounterVec(prometheus.CounterOpts{

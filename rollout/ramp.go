@@ -207,8 +207,8 @@ const SampleRatioGuard = "sample_ratio"
 // (Killed), or each of its conditions gated at min(own rollout, Percentage).
 // A Percentage of 100 limits nothing.
 type Cap struct {
-	Percentage float64
-	Killed     bool
+	Percentage float64 `json:"percentage"`
+	Killed     bool    `json:"killed,omitempty"`
 }
 
 // capOf is the one place that decides what a ramp in a state enforces: a dry
