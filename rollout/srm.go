@@ -142,6 +142,8 @@ type userSample struct {
 	mu    sync.Mutex
 	slots [userSlots]uint64 // 0 is empty; hash 0 is stored as 1
 	n     int
+	// keep is the scratch space of a halving, so that it allocates nothing.
+	keep [userSampleCap]uint64
 	// pending counts the new users of each arm since the last take, by the
 	// expected share in force when they came.
 	pending map[float64]*[2]uint64
@@ -206,7 +208,7 @@ func (s *userSample) halveLocked() {
 		tau /= 2
 	}
 	s.tau.Store(tau)
-	var keep []uint64
+	keep := s.keep[:0]
 	for _, h := range s.slots {
 		if h != 0 && h < tau {
 			keep = append(keep, h)

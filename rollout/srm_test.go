@@ -261,3 +261,26 @@ func TestAnEnforcedRolloutDoesNotCarryOnFromADryRun(t *testing.T) {
 	again := newInstance(t, st, clock, dry)
 	again.want(Running, 1)
 }
+
+// BenchmarkObserveUser is the sample-ratio check's request path: a user
+// outside the sample (after it has been full a few times) costs a hash and
+// an atomic load; one inside it takes the sample's lock.
+func BenchmarkObserveUser(b *testing.B) {
+	ids := make([]string, 1<<16)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("user-%d", i)
+	}
+	r := newTestRamp(b, Config{Steps: []float64{50, 100}}, t0)
+	for _, id := range ids {
+		r.ObserveUser(id, Control, 0.5)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			r.ObserveUser(ids[i&(1<<16-1)], Arm(i&1), 0.5)
+			i++
+		}
+	})
+}
