@@ -60,6 +60,7 @@ func init() {
 //			guardrail latency p<quantile> +<margin> [<factor>x]
 //			on_breach rollback|hold
 //			alpha <probability>
+//			dry_run [on|off]
 //		}
 //	}
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
@@ -464,6 +465,20 @@ func parseRollout(d *caddyfile.Dispenser) (*RolloutConfig, error) {
 				return nil, d.Errf("rollout %s: alpha: want a probability in (0, 1), got %q", rc.Flag, d.Val())
 			}
 			rc.Alpha = a
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+		case "dry_run":
+			rc.DryRun = true
+			if d.NextArg() {
+				switch d.Val() {
+				case "on":
+				case "off":
+					rc.DryRun = false
+				default:
+					return nil, d.Errf("rollout %s: dry_run: want on or off, got %q", rc.Flag, d.Val())
+				}
+			}
 			if d.NextArg() {
 				return nil, d.ArgErr()
 			}

@@ -337,8 +337,9 @@ func (e *engine) reportInvalidLocked(invalid map[string]invalidOverride) {
 }
 
 // withRolloutCaps merges the operators' overrides with the caps the rollouts
-// impose: a rollout that rolled back or was aborted kills the flag; one below
-// 100 % caps its rollout at min(override, step).
+// impose, as each ramp's Cap says: a rollout that rolled back or was aborted
+// kills the flag; one below 100 % caps its rollout at min(override, step); a
+// dry run imposes nothing.
 func withRolloutCaps(overrides map[string]eval.Override, rollouts *rollout.Set) map[string]eval.Override {
 	if rollouts.Len() == 0 {
 		return overrides
@@ -348,10 +349,10 @@ func withRolloutCaps(overrides map[string]eval.Override, rollouts *rollout.Set) 
 		merged = map[string]eval.Override{}
 	}
 	for _, run := range rollouts.Runs() {
-		ramp := run.Ramp()
+		c := run.Ramp().Cap()
 		o := merged[run.Flag()]
-		switch pct := ramp.Percentage(); {
-		case ramp.Killed():
+		switch pct := c.Percentage; {
+		case c.Killed:
 			o.Killed = true
 		case pct < 100:
 			if o.RolloutPercentage == nil || *o.RolloutPercentage > pct {

@@ -300,6 +300,10 @@ type boundSet struct {
 type boundRollout struct {
 	index int
 	run   *rollout.Run
+	// share is the share of matching users the flag, as defined in this
+	// generation (rollout caps included), puts on the new side; NaN when no
+	// single share holds (see eval.Flag.TreatmentShare).
+	share float64
 }
 
 // bind returns the flag selection for the definitions in force.
@@ -331,7 +335,7 @@ func (h *Handler) bind(defs *eval.Definitions) *boundSet {
 		// be bound here; its ramp, which a restart replaces, is loaded per
 		// request.
 		if run := h.app.engine.rollouts.InForce().Run(key); run != nil {
-			b.rollouts = append(b.rollouts, boundRollout{index: i, run: run})
+			b.rollouts = append(b.rollouts, boundRollout{index: i, run: run, share: treatmentShare(defs, key)})
 		}
 	}
 	h.bound.Store(b)

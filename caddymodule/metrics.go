@@ -86,7 +86,7 @@ var (
 var (
 	rolloutPercentage = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollout_percentage",
-		Help: "Percentage a rollout currently lets through to the new side (0 once rolled back or aborted).",
+		Help: "Percentage a rollout currently lets through to the new side (0 once rolled back or aborted; for a dry run, what it would let through).",
 	}, []string{"flag"})
 
 	fallbacksTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -115,6 +115,21 @@ var (
 		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "posthog_flags_answers_total",
 		Help: "Flag answers posthog_flags served, by source: local (decided at the edge), posthog (filled in from PostHog), inconclusive (served false).",
 	}, []string{"source"})
+
+	rolloutDryRun = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollout_dry_run",
+		Help: "1 for a rollout that runs as a dry run (judged and reported, not enforced), 0 otherwise.",
+	}, []string{"flag"})
+
+	rolloutSampleRatioMismatch = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollout_sample_ratio_mismatch",
+		Help: "1 while a rollout's sample-ratio check finds the split of users between the sides unlike the configured one (the ramp holds), 0 otherwise.",
+	}, []string{"flag"})
+
+	breachesTotal = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "rollout_breaches_total",
+		Help: "Guardrail breaches and sample-ratio mismatches (guardrail sample_ratio) of rollouts, by flag, guardrail, what the ramp did (rolled_back or held) and whether it was a dry run.",
+	}, []string{"flag", "guardrail", "action", "dry_run"})
 )
 
 var collectors = []prometheus.Collector{
@@ -123,6 +138,7 @@ var collectors = []prometheus.Collector{
 	identityTotal, malformedIdentityTotal, eventsSent, eventsDropped,
 	rolloutPercentage, rollbacksTotal, fallbacksTotal,
 	storageDamaged, postHogFlagsRequests, postHogFlagsAnswers,
+	rolloutDryRun, rolloutSampleRatioMismatch, breachesTotal,
 }
 
 // registerMetrics adds the collectors to this config's registry.

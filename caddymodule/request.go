@@ -253,6 +253,9 @@ func (st *requestState) observe(err error, elapsed time.Duration, repl *caddy.Re
 			value = r.served()
 		}
 		br.run.Observe(value, failed, elapsed)
+		if matchedByHash(st.results.Reason(br.index)) && st.identity.DistinctID != "" {
+			br.run.ObserveUser(st.identity.DistinctID, value, br.share)
+		}
 	}
 	if len(routed) > 0 {
 		upstream, _ := repl.GetString("http.reverse_proxy.upstream.hostport")
@@ -270,6 +273,9 @@ func (st *requestState) observe(err error, elapsed time.Duration, repl *caddy.Re
 				m = newValueMetrics(r.key, r.served())
 				if run := engine.rollouts.InForce().Run(r.key); run != nil {
 					run.Observe(r.served(), failed, elapsed)
+					if matchedByHash(st.extraResult(r.key).Reason) && st.identity.DistinctID != "" {
+						run.ObserveUser(st.identity.DistinctID, r.served(), treatmentShare(st.bound.defs, r.key))
+					}
 				}
 			}
 			if r.servedFalse() {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -44,9 +45,15 @@ type RolloutConfig struct {
 	// kill override) or "hold" (the ramp stays where it is until an operator
 	// resumes or aborts it).
 	OnBreach string `json:"on_breach,omitempty"`
-	// Alpha is each guardrail's false-alarm probability over the whole ramp.
-	// Default: 0.05.
+	// Alpha is each guardrail's false-alarm probability over the whole ramp,
+	// and the sample-ratio check's. Default: 0.05.
 	Alpha float64 `json:"alpha,omitempty"`
+	// DryRun runs the ramp without enforcing it: steps, guardrails and the
+	// sample-ratio check are evaluated and reported as usual (status,
+	// metrics, events and logs say "dry run"), but requests are routed and
+	// headed as the flag's own definition says, never capped by the step,
+	// and a breach kills nothing.
+	DryRun bool `json:"dry_run,omitempty"`
 }
 
 // GuardrailConfig is one guardrail of a rollout.
@@ -69,7 +76,7 @@ type GuardrailConfig struct {
 
 // rampConfig validates rc and converts it for the rollout package.
 func (rc *RolloutConfig) rampConfig() (rollout.Config, error) {
-	cfg := rollout.Config{Steps: rc.Steps, StepDuration: time.Duration(rc.StepDuration), Alpha: rc.Alpha}
+	cfg := rollout.Config{Steps: rc.Steps, StepDuration: time.Duration(rc.StepDuration), Alpha: rc.Alpha, DryRun: rc.DryRun}
 	if rc.Flag == "" {
 		return cfg, errors.New("rollout: flag key is required")
 	}
@@ -158,9 +165,49 @@ func (a *App) publishRolloutGauges(replaced *rollout.Set) {
 			rolloutPercentage.DeleteLabelValues(run.Flag())
 		}
 	}
-	for _, run := range inForce.Runs() {
-		rolloutPercentage.WithLabelValues(run.Flag()).Set(run.Ramp().Percentage())
+	for _, run := range replaced.Runs() {
+		if inForce.Run(run.Flag()) == nil {
+			rolloutDryRun.DeleteLabelValues(run.Flag())
+			rolloutSampleRatioMismatch.DeleteLabelValues(run.Flag())
+		}
 	}
+	for _, run := range inForce.Runs() {
+		publishRampGauges(run)
+	}
+}
+
+// publishRampGauges sets a rollout's gauges from its ramp.
+func publishRampGauges(run *rollout.Run) {
+	ramp := run.Ramp()
+	rolloutPercentage.WithLabelValues(run.Flag()).Set(ramp.Percentage())
+	rolloutDryRun.WithLabelValues(run.Flag()).Set(boolGauge(ramp.DryRun()))
+	rolloutSampleRatioMismatch.WithLabelValues(run.Flag()).Set(boolGauge(ramp.Status().SampleRatio.Mismatch))
+}
+
+func boolGauge(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// treatmentShare is the share of matching users the flag, as defs define it,
+// puts on the new side of a rollout; NaN when no single share holds.
+func treatmentShare(defs *eval.Definitions, flag string) float64 {
+	if f, ok := defs.Flag(flag); ok {
+		if q, ok := f.TreatmentShare(); ok {
+			return q
+		}
+	}
+	return math.NaN()
+}
+
+// matchedByHash reports whether an answer was decided by a matching
+// condition's rollout hash: the users the sample-ratio check counts. An
+// undecided answer (served as control) and a user no condition matched say
+// nothing about the split.
+func matchedByHash(reason eval.Reason) bool {
+	return reason == eval.ReasonConditionMatch || reason == eval.ReasonOutOfRollout
 }
 
 // rolloutHooks connect the rollout runtime to this config: overrides,
@@ -196,10 +243,22 @@ func (a *App) rolloutHooks() rollout.Hooks {
 // rolloutChanged reports a rollout's change (which Enforce put in force):
 // log line, metrics and Caddy event.
 func (a *App) rolloutChanged(ch rollout.Change) {
-	rolloutPercentage.WithLabelValues(ch.Flag).Set(ch.Percentage)
+	if run := a.engine.rollouts.InForce().Run(ch.Flag); run != nil {
+		publishRampGauges(run)
+	} else {
+		rolloutPercentage.WithLabelValues(ch.Flag).Set(ch.Percentage)
+	}
 	fields := []zap.Field{zap.String("flag", ch.Flag), zap.String("change", ch.Kind),
 		zap.String("state", string(ch.State)), zap.Float64("percentage", ch.Percentage)}
 	data := map[string]any{"flag": ch.Flag, "state": string(ch.State), "percentage": ch.Percentage}
+	// A dry run says so everywhere: what it reports is what it would have
+	// done, and none of it is enforced.
+	dry := ""
+	if ch.DryRun {
+		fields = append(fields, zap.Bool("dry_run", true))
+		data["dry_run"] = true
+		dry = " (dry run)"
+	}
 	if ch.From != ch.To {
 		fields = append(fields, zap.Float64("from", ch.From), zap.Float64("to", ch.To))
 		data["from"], data["to"] = ch.From, ch.To
@@ -208,16 +267,21 @@ func (a *App) rolloutChanged(ch rollout.Change) {
 		fields = append(fields, zap.String("guardrail", ch.Guardrail), zap.Float64("e_value", ch.EValue))
 		data["guardrail"], data["e_value"] = ch.Guardrail, ch.EValue
 	}
-	switch ch.Kind {
-	case rollout.EventRolledBack, rollout.EventHeld:
-		a.logger.Warn("rollout guardrail breached", fields...)
-	case rollout.ChangeAdopted:
-		a.logger.Info("rollout progress adopted from storage", append(fields, zap.Int("step", ch.Step+1))...)
+	switch {
+	case ch.Guardrail == rollout.SampleRatioGuard:
+		a.logger.Warn("rollout sample ratio mismatch: the split of users between the sides is not the configured one; the ramp holds"+dry, fields...)
+	case ch.Kind == rollout.EventRolledBack || ch.Kind == rollout.EventHeld:
+		a.logger.Warn("rollout guardrail breached"+dry, fields...)
+	case ch.Kind == rollout.ChangeAdopted:
+		a.logger.Info("rollout progress adopted from storage"+dry, append(fields, zap.Int("step", ch.Step+1))...)
 		return // the instance that made the change reported it
 	default:
-		a.logger.Info("rollout changed", fields...)
+		a.logger.Info("rollout changed"+dry, fields...)
 	}
-	if ch.Kind == rollout.EventRolledBack {
+	if ch.Guardrail != "" {
+		breachesTotal.WithLabelValues(ch.Flag, ch.Guardrail, ch.Kind, boolLabel(ch.DryRun)).Inc()
+	}
+	if ch.Kind == rollout.EventRolledBack && !ch.DryRun {
 		rollbacksTotal.WithLabelValues(ch.Flag, ch.Guardrail).Inc()
 	}
 	a.emit("rollout_"+ch.Kind, data)
@@ -259,4 +323,11 @@ func (a *App) rolloutStatuses() []rolloutStatus {
 		out = append(out, rolloutStatusOf(run))
 	}
 	return out
+}
+
+func boolLabel(b bool) string {
+	if b {
+		return "true"
+	}
+	return "false"
 }

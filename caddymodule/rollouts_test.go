@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -11,8 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/flagsplit/flagsplit/eval"
 	"github.com/flagsplit/flagsplit/rollout"
@@ -482,4 +486,213 @@ func TestRolloutsOfAFailedReloadAreNotKept(t *testing.T) {
 		}
 		expectCap(t, siteA, 50, 40)
 	}
+}
+
+// reached is the upstream a user's request reached, whether it answered or
+// failed, and the flag header that upstream was sent ("" when it failed).
+func reached(t *testing.T, id string) (upstream, header string) {
+	t.Helper()
+	resp, e := get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": id})
+	if u := resp.Header.Get("X-Upstream"); u != "" {
+		return u, ""
+	}
+	return e.Upstream, e.Headers.Get("X-Feature-Flag-checkout")
+}
+
+// A dry-run rollout whose new side fails: the guardrail breach is judged and
+// reported (status, event, log, metrics, all saying dry run), but requests
+// are routed and headed exactly as the flag's own 50 % says, before and
+// after the breach, never at the ramp's 10 % step, and nothing is killed.
+func TestADryRunRolloutReportsTheBreachAndRoutesAsWithoutIt(t *testing.T) {
+	storage := t.TempDir()
+	defsFile := filepath.Join(storage, "flags.json")
+	writeFileAtomically(t, defsFile, checkoutDefs(50))
+	old, nu := newUpstream(t, "old"), newSwitchableUpstream(t, "new")
+	block := `rollout checkout {
+			steps 10 100
+			step_duration 1h
+			min_requests 10
+			guardrail error_rate 2x
+			dry_run
+		}`
+	cfg, events := withEventRecorder(t, rolloutSite(globals(storage), defsFile, block, old, nu.upstream, ""))
+	loadJSON(t, cfg)
+	api := adminURL + "/feature_flags"
+
+	// As without the rollout: the flag's own 50 % by PostHog's hash, and the
+	// header says what routed.
+	routesAsTheFlag := func(when string) {
+		t.Helper()
+		for i := 0; i < 100; i++ {
+			id := fmt.Sprintf("dry-%d", i)
+			want, wantHeader := "old", "false"
+			if hashOf("checkout", id) <= 0.5 {
+				want, wantHeader = "new", "true"
+			}
+			got, header := reached(t, id)
+			if got != want || (header != "" && header != wantHeader) {
+				t.Fatalf("%s: %s (hash %.3f) reached %s with header %q, want %s with %q", when, id, hashOf("checkout", id), got, header, want, wantHeader)
+			}
+		}
+	}
+	routesAsTheFlag("at the start")
+	st := rolloutOf(t, adminURL, "checkout")
+	if st.State != rollout.Running || st.Percentage != 10 || !st.DryRun || st.Enforced != (rollout.Cap{Percentage: 100}) {
+		t.Fatalf("at start: %+v", st)
+	}
+	if got := metricSum(t, "caddy_feature_flags_rollout_dry_run", map[string]string{"flag": "checkout"}); got != 1 {
+		t.Errorf("rollout_dry_run gauge = %v", got)
+	}
+	rollbacks := func() float64 {
+		return metricSum(t, "caddy_feature_flags_rollbacks_total", map[string]string{"flag": "checkout"})
+	}
+	breaches := func() float64 {
+		return metricSum(t, "caddy_feature_flags_rollout_breaches_total",
+			map[string]string{"flag": "checkout", "guardrail": "error_rate 2x", "action": "rolled_back", "dry_run": "true"})
+	}
+	rollbacksBefore, breachesBefore := rollbacks(), breaches()
+
+	nu.failStatus.Store(http.StatusBadGateway)
+	n := 0
+	eventually(t, 20*time.Second, "the dry run to judge the breach", func() bool {
+		for i := 0; i < 20; i++ {
+			get(t, urlA, map[string]string{"X-POSTHOG-DISTINCT-ID": fmt.Sprintf("dry-load-%d", n)})
+			n++
+		}
+		return len(events.named("rollout_rolled_back")) > 0
+	})
+	// Still failing, still routed as the flag says: the dry run kills nothing.
+	routesAsTheFlag("after the breach, new side failing")
+	nu.failStatus.Store(0)
+	routesAsTheFlag("after the breach")
+
+	st = rolloutOf(t, adminURL, "checkout")
+	if st.State != rollout.RolledBack || !st.DryRun || st.Enforced != (rollout.Cap{Percentage: 100}) || st.KillOverride ||
+		!strings.Contains(st.Reason, "error_rate 2x") {
+		t.Errorf("dry run after the breach: %+v", st)
+	}
+	if code, body := adminDo(t, http.MethodGet, api+"/overrides/checkout", ""); code != http.StatusNotFound {
+		t.Errorf("a dry run set an override: %d %s", code, body)
+	}
+	ev := events.named("rollout_rolled_back")
+	if len(ev) != 1 || ev[0].Data["dry_run"] != true || ev[0].Data["guardrail"] != "error_rate 2x" {
+		t.Errorf("rollout_rolled_back events: %+v", ev)
+	}
+	if got := rollbacks() - rollbacksBefore; got != 0 {
+		t.Errorf("rollbacks_total rose by %v for a dry run", got)
+	}
+	if got := breaches() - breachesBefore; got != 1 {
+		t.Errorf("rollout_breaches_total{dry_run=true} rose by %v, want 1", got)
+	}
+	found := false
+	for _, line := range logOf(t, storage) {
+		if msg, _ := line["msg"].(string); strings.Contains(msg, "guardrail breached (dry run)") && line["dry_run"] == true {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("no log line reports the dry run's breach")
+	}
+}
+
+// biasedAssignment serves users through the real handler and selection
+// policy of app. Every third user the flag puts on the new side is sent a
+// pool without the new upstream, as a broken assignment in front of the
+// proxy would: the policy falls back, and the user is served the old side.
+func biasedAssignment(t *testing.T, app *testApp, prefix string, n int, biased bool) {
+	t.Helper()
+	h := newTestHandler(t, app)
+	p := newTestPolicy(t, app, "checkout")
+	both := reverseproxy.UpstreamPool{{Dial: "old:8080"}, {Dial: "new:8080"}}
+	oldOnly := reverseproxy.UpstreamPool{{Dial: "old:8080"}}
+	w := &discardWriter{h: http.Header{}}
+	newSide := 0
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("%s-%d", prefix, i)
+		pool := both
+		if variantOf(t, app, "checkout", id) == "true" {
+			if newSide++; biased && newSide%3 == 0 {
+				pool = oldOnly
+			}
+		}
+		next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+			if p.Select(pool, r, w) == nil {
+				t.Fatal("no upstream selected")
+			}
+			w.WriteHeader(http.StatusOK)
+			return nil
+		})
+		for range 2 { // a returning user is still one user
+			if err := h.ServeHTTP(w, prepare(w, id), next); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// A biased assignment (a third of the new side's users served the old side)
+// is a sample-ratio mismatch: the ramp holds although its step has lasted
+// step_duration and carried min_requests, and the status, the metric and
+// the change say why. The same traffic without the bias promotes.
+func TestASampleRatioMismatchHoldsTheRamp(t *testing.T) {
+	for _, biased := range []bool{true, false} {
+		app := newTestApp(t, checkoutDefs(100), 0)
+		startTestRollout(t, app, &RolloutConfig{Flag: "checkout", Steps: []float64{50, 100},
+			StepDuration: caddy.Duration(10 * time.Minute), MinRequests: ptr(uint64(50))})
+		var changes []rollout.Change
+		hooks := app.rolloutHooks()
+		changed := hooks.Changed
+		hooks.Changed = func(ch rollout.Change) { changes = append(changes, ch); changed(ch) }
+
+		biasedAssignment(t, app, fmt.Sprintf("srm-%v", biased), 600, biased)
+		app.clock.Advance(10 * time.Minute)
+		app.engine.rollouts.Tick(context.Background(), hooks)
+		st := rolloutStatusOf(app.engine.rollouts.InForce().Run("checkout"))
+		sr := st.SampleRatio
+		if st.Total.Treatment.Requests < 50 {
+			t.Fatalf("biased %v: only %d requests on the new side", biased, st.Total.Treatment.Requests)
+		}
+		if sr.ExpectedShare == nil || *sr.ExpectedShare != 0.5 || sr.TreatmentUsers+sr.ControlUsers != 600 {
+			t.Fatalf("biased %v: sample ratio %+v", biased, sr)
+		}
+		mismatch := gaugeValue(t, rolloutSampleRatioMismatch.WithLabelValues("checkout"))
+		if !biased {
+			if st.State != rollout.Running || st.Percentage != 100 || sr.Mismatch || mismatch != 0 {
+				t.Fatalf("honest split: %+v (gauge %v)", st, mismatch)
+			}
+			continue
+		}
+		if st.State != rollout.Held || st.Percentage != 50 || !sr.Mismatch || !strings.Contains(st.Reason, rollout.SampleRatioGuard) {
+			t.Fatalf("biased split: state %s at %v%%, %+v, reason %q", st.State, st.Percentage, sr, st.Reason)
+		}
+		if got := float64(sr.TreatmentUsers) / float64(sr.TreatmentUsers+sr.ControlUsers); got > 0.4 {
+			t.Errorf("observed treatment share %.3f: the bias did not reach the check", got)
+		}
+		if mismatch != 1 {
+			t.Errorf("rollout_sample_ratio_mismatch gauge = %v", mismatch)
+		}
+		if len(changes) != 1 || changes[0].Kind != rollout.EventHeld || changes[0].Guardrail != rollout.SampleRatioGuard {
+			t.Errorf("changes: %+v", changes)
+		}
+		// Held: more time and traffic do not promote it.
+		app.clock.Advance(time.Hour)
+		app.engine.rollouts.Tick(context.Background(), hooks)
+		if st := app.engine.rollouts.InForce().Run("checkout").Ramp().Status(); st.State != rollout.Held || st.Percentage != 50 {
+			t.Errorf("held ramp moved: %s at %v%%", st.State, st.Percentage)
+		}
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// gaugeValue reads one gauge, gathered as a registry would.
+func gaugeValue(t *testing.T, g prometheus.Gauge) float64 {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(g)
+	families, err := reg.Gather()
+	if err != nil || len(families) != 1 || len(families[0].GetMetric()) != 1 {
+		t.Fatalf("gathering %v: %v", families, err)
+	}
+	return families[0].GetMetric()[0].GetGauge().GetValue()
 }

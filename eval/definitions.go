@@ -267,3 +267,60 @@ func Parse(data []byte) (*Definitions, error) {
 	}
 	return c.defs, nil
 }
+
+// TreatmentShare is the probability, over PostHog's rollout and variant
+// hashes, that a subject whose properties match one of the flag's conditions
+// is served a value other than false and a variant called "control" (the side
+// a rollout moves users to), as the flag is defined here, overrides included.
+//
+// ok is false when no single probability holds: when it depends on which
+// conditions a subject matches (their rollout gates, after any rollout
+// override, differ, or they fix different variants), when the flag is not
+// decided by the hash at all (inactive, killed, forced to a variant,
+// malformed, experience continuity), or when it buckets by something other
+// than the distinct id (group flags, device bucketing, mixed targeting).
+func (f *Flag) TreatmentShare() (share float64, ok bool) {
+	if o := f.override; o != nil && (o.Killed || o.Variant != "") {
+		return 0, false
+	}
+	if !f.Active || f.broken != "" || f.ExperienceContinuity || f.group != nil || f.bucketByDevice || len(f.conditions) == 0 {
+		return 0, false
+	}
+	cap := 1.0
+	if o := f.override; o != nil && o.RolloutPercentage != nil {
+		cap = *o.RolloutPercentage / 100
+	}
+	gate, fixed := -1.0, -2
+	for i := range f.conditions {
+		c := &f.conditions[i]
+		if c.group != nil {
+			return 0, false
+		}
+		g := 1.0
+		if c.hasRollout {
+			g = c.rollout
+		}
+		g = min(g, cap)
+		if i == 0 {
+			gate, fixed = g, c.variant
+			continue
+		}
+		if g != gate || c.variant != fixed {
+			return 0, false
+		}
+	}
+	treated := 1.0 // a boolean flag, or a variant table that leaves gaps (true)
+	switch {
+	case fixed >= 0:
+		if f.variants[fixed].key == "control" {
+			treated = 0
+		}
+	default:
+		for _, v := range f.variants {
+			if v.key == "control" {
+				treated -= v.hi - v.lo
+			}
+		}
+	}
+	return gate * treated, true
+}

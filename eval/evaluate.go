@@ -241,6 +241,11 @@ func (e *evaluation) flag(f *Flag, asDependency bool) answer {
 		rolloutCap = *o.RolloutPercentage / 100
 	}
 	var pending Reason // first reason a condition was inconclusive
+	// gated: some condition's properties matched but the user fell outside
+	// its rollout; PostHog's server then answers out_of_rollout_bound rather
+	// than no_condition_match, and the sample-ratio check of a rollout
+	// counts such users as matched.
+	gated := false
 	for ci := range f.conditions {
 		cond := &f.conditions[ci]
 		src := &person
@@ -284,6 +289,7 @@ func (e *evaluation) flag(f *Flag, asDependency bool) answer {
 			if f.earlyExit {
 				return conclusive(false, -1, ReasonOutOfRollout, ci)
 			}
+			gated = true
 			continue
 		}
 		v := cond.variant
@@ -294,6 +300,9 @@ func (e *evaluation) flag(f *Flag, asDependency bool) answer {
 	}
 	if pending != 0 {
 		return inconclusive(pending)
+	}
+	if gated {
+		return conclusive(false, -1, ReasonOutOfRollout, -1)
 	}
 	return conclusive(false, -1, ReasonNoConditionMatch, -1)
 }

@@ -85,8 +85,8 @@ const (
 	ReasonConditionMatch
 	// ReasonNoConditionMatch: no condition matched.
 	ReasonNoConditionMatch
-	// ReasonOutOfRollout: a condition matched but the user is outside its rollout
-	// and the flag exits early.
+	// ReasonOutOfRollout: a condition's properties matched but the user is
+	// outside its rollout, and no later condition let the user in.
 	ReasonOutOfRollout
 	// ReasonDisabled: the flag is not active.
 	ReasonDisabled

@@ -125,8 +125,14 @@ type Config struct {
 	// OnBreach says what a breach does.
 	OnBreach BreachAction
 	// Alpha is each guardrail's false-alarm probability, in (0, 1); 0 means
-	// DefaultAlpha.
+	// DefaultAlpha. The sample-ratio check uses it too.
 	Alpha float64
+	// DryRun runs the ramp without enforcing it: every step, guardrail and
+	// sample-ratio check is evaluated, observed, judged and reported as
+	// usual, but Cap never limits the flag, so requests are routed as the
+	// flag's own definition says, and a breach that would roll back kills
+	// nothing.
+	DryRun bool
 }
 
 // Validate reports the first problem with c, if any.
@@ -192,6 +198,29 @@ const (
 	EventHeld       = "held"
 )
 
+// SampleRatioGuard is the name a sample-ratio mismatch is reported under, in
+// the place of a guardrail's name: in Event.Guardrail, Change.Guardrail and
+// the reason of a held ramp.
+const SampleRatioGuard = "sample_ratio"
+
+// Cap is what the proxy must enforce for a ramp: the flag forced off
+// (Killed), or each of its conditions gated at min(own rollout, Percentage).
+// A Percentage of 100 limits nothing.
+type Cap struct {
+	Percentage float64 `json:"percentage"`
+	Killed     bool    `json:"killed,omitempty"`
+}
+
+// capOf is the one place that decides what a ramp in a state enforces: a dry
+// run enforces nothing, whatever its state; otherwise a rolled-back or
+// aborted ramp kills the flag and any other caps it at its percentage.
+func capOf(cfg *Config, state State, pct float64) Cap {
+	if cfg.DryRun {
+		return Cap{Percentage: 100}
+	}
+	return Cap{Percentage: pct, Killed: state == RolledBack || state == Aborted}
+}
+
 // Event describes a transition made by Tick. The zero Event (Kind "") means
 // nothing happened.
 type Event struct {
@@ -232,10 +261,16 @@ type Ramp struct {
 	arms    [2]armCounters
 	latency []*latencyGuard // the latency guards, for Observe
 
-	// pct holds math.Float64bits of the percentage to enforce; killed whether
-	// the flag must be forced off. Both are written under mu.
-	pct    atomic.Uint64
-	killed atomic.Bool
+	// pct holds math.Float64bits of the ramp's percentage, and cap the Cap
+	// to enforce. Both are written under mu.
+	pct atomic.Uint64
+	cap atomic.Pointer[Cap]
+
+	// users samples the distinct users each arm served, for the ratio test;
+	// share holds math.Float64bits of the expected treatment share last
+	// reported with a user (NaN before any, or when it is unknown).
+	users atomic.Pointer[userSample]
+	share atomic.Uint64
 
 	cfg Config
 
@@ -246,6 +281,7 @@ type Ramp struct {
 	changedAt time.Time
 	reason    string
 	guards    []*guard
+	ratio     *RatioTest
 	// seenRequests and seenErrors are the totals already folded into the
 	// error-rate tests; stepRequests and stepErrors the totals when the
 	// current step started.
@@ -264,6 +300,7 @@ func NewRamp(cfg Config, now time.Time) (*Ramp, error) {
 		cfg.Alpha = DefaultAlpha
 	}
 	r := &Ramp{cfg: cfg, state: Running, stepStart: now, changedAt: now}
+	r.share.Store(math.Float64bits(math.NaN()))
 	for i := range cfg.Guardrails {
 		g := &cfg.Guardrails[i]
 		gd := &guard{}
@@ -304,11 +341,35 @@ func (r *Ramp) Observe(arm Arm, failed bool, latency time.Duration) {
 	}
 }
 
+// ObserveUser reports a request of the user with the given distinct id,
+// served by arm, whose answer was decided by the flag's conditions and hash
+// (a matching user, in or out of the rollout; not an undecided answer, nor a
+// user no condition matched), while the share of such users the
+// configuration puts in treatment was share. Each user is a trial of the
+// sample-ratio check once, at its first sampled request (see userSample);
+// a share outside (0, 1) (NaN when it is not known) is reported but not
+// tested. It is lock-free for users outside the sample.
+func (r *Ramp) ObserveUser(id string, arm Arm, share float64) {
+	if arm > Treatment {
+		return
+	}
+	if old := r.share.Load(); math.Float64frombits(old) != share {
+		r.share.Store(math.Float64bits(share))
+	}
+	if !(share > 0 && share < 1) {
+		return
+	}
+	r.users.Load().observe(id, arm, share)
+}
+
 // Tick folds the observations since the previous tick into the guardrails and
-// then makes at most one transition: a breach while Running or Paused rolls
-// back or holds; otherwise, while Running, a step that has lasted StepDuration
-// and carried MinRequests treatment requests is promoted (or the ramp
-// completes after the last step). It returns the transition made, if any.
+// the sample-ratio check, then makes at most one transition: a breach while
+// Running or Paused rolls back or holds; a sample-ratio mismatch holds
+// (whatever OnBreach says: a broken assignment says nothing against the new
+// side, but no step may be promoted on it); otherwise, while Running, a step
+// that has lasted StepDuration and carried MinRequests treatment requests is
+// promoted (or the ramp completes after the last step). It returns the
+// transition made, if any.
 //
 // Observations are weighed by the treatment share of the requests actually
 // observed since the previous fold, not by the step's nominal percentage:
@@ -326,6 +387,9 @@ func (r *Ramp) Tick(now time.Time) Event {
 		if g.test.Breached() {
 			return r.breach(g, now)
 		}
+	}
+	if r.ratio.Breached() {
+		return r.mismatch(now)
 	}
 	if r.state == Running && r.stepDone(now) {
 		return r.advance(now)
@@ -349,7 +413,7 @@ func (r *Ramp) Due(now time.Time) bool {
 			return true
 		}
 	}
-	return r.state == Running && r.stepDone(now)
+	return r.ratio.Breached() || r.state == Running && r.stepDone(now)
 }
 
 // fold feeds every guardrail the counts since its last fold.
@@ -376,6 +440,9 @@ func (r *Ramp) fold() {
 		}
 	}
 	r.seenRequests, r.seenErrors = seenReqs, seenErrs
+	for q, c := range r.users.Load().take() {
+		r.ratio.Fold(q, c[Treatment], c[Control])
+	}
 }
 
 func (r *Ramp) stepDone(now time.Time) bool {
@@ -398,6 +465,16 @@ func (r *Ramp) breach(g *guard, now time.Time) Event {
 	}
 	ev.To = r.percentage()
 	return ev
+}
+
+// mismatch holds the ramp on a sample-ratio mismatch.
+func (r *Ramp) mismatch(now time.Time) Event {
+	e := r.ratio.EValue()
+	t, c := r.ratio.Units()
+	r.reason = fmt.Sprintf("%s: %d of %d new users in treatment, %.4g expected; e-value %.4g reached %.4g",
+		SampleRatioGuard, t, t+c, r.ratio.Expected(), e, r.ratio.Threshold())
+	r.setState(Held, now)
+	return Event{Kind: EventHeld, From: r.percentage(), To: r.percentage(), Guardrail: SampleRatioGuard, EValue: e}
 }
 
 // advance moves to the next step, or completes the ramp after the last one.
@@ -435,6 +512,10 @@ func (r *Ramp) resetTests() {
 			g.lat.skip()
 		}
 	}
+	// The sample starts afresh with the test: users counted towards the old
+	// one are trials of the new one again at their next request.
+	r.ratio = newRatioTest(r.cfg.Alpha)
+	r.users.Store(newUserSample())
 	for a := range r.arms {
 		r.seenErrors[a] = r.arms[a].errors.Load()
 		r.seenRequests[a] = r.arms[a].requests.Load()
@@ -458,10 +539,12 @@ func (r *Ramp) percentage() float64 {
 	return r.cfg.Steps[r.step]
 }
 
-// publish makes the percentage and kill switch visible to lock-free readers.
+// publish makes the percentage and the cap visible to lock-free readers.
 func (r *Ramp) publish() {
-	r.pct.Store(math.Float64bits(r.percentage()))
-	r.killed.Store(r.state == RolledBack || r.state == Aborted)
+	pct := r.percentage()
+	r.pct.Store(math.Float64bits(pct))
+	c := capOf(&r.cfg, r.state, pct)
+	r.cap.Store(&c)
 }
 
 // Pause freezes promotion. Observations still count and guardrails still act.
@@ -524,14 +607,17 @@ func (r *Ramp) Abort(now time.Time) error {
 	return nil
 }
 
-// Percentage is the rollout percentage to enforce now: the current step's
-// while Running, Paused or Held, 100 once Completed, 0 when RolledBack or
-// Aborted. It is lock-free.
+// Percentage is the ramp's rollout percentage now: the current step's while
+// Running, Paused or Held, 100 once Completed, 0 when RolledBack or Aborted.
+// It is what the ramp reports; what the proxy enforces is Cap, which differs
+// in a dry run. It is lock-free.
 func (r *Ramp) Percentage() float64 { return math.Float64frombits(r.pct.Load()) }
 
-// Killed reports whether the flag must be forced off (RolledBack or Aborted).
-// It is lock-free.
-func (r *Ramp) Killed() bool { return r.killed.Load() }
+// Cap is what the proxy must enforce now (see capOf). It is lock-free.
+func (r *Ramp) Cap() Cap { return *r.cap.Load() }
+
+// DryRun reports whether the ramp runs without being enforced.
+func (r *Ramp) DryRun() bool { return r.cfg.DryRun }
 
 // State returns the ramp's current state.
 func (r *Ramp) State() State {
@@ -574,9 +660,38 @@ type GuardrailStatus struct {
 	LatencyThresholdMS *float64 `json:"latency_threshold_ms,omitempty"`
 }
 
+// SampleRatioStatus is a snapshot of a ramp's sample-ratio check: the new
+// users of each arm (those the flag's conditions matched, sampled), against
+// the share of treatment the configuration expects.
+type SampleRatioStatus struct {
+	// ExpectedShare is the share of matching users the configuration puts
+	// in treatment now; absent when it is not known (the flag is not
+	// decided by one rollout gate for every matching user) or no user came.
+	ExpectedShare *float64 `json:"expected_share,omitempty"`
+	// TreatmentUsers and ControlUsers count the users tested, each once;
+	// ExpectedTreatment is how many of them the configuration expects in
+	// treatment.
+	TreatmentUsers    uint64  `json:"treatment_users"`
+	ControlUsers      uint64  `json:"control_users"`
+	ExpectedTreatment float64 `json:"expected_treatment_users"`
+	// SampledFraction is the fraction of users the bounded sample takes in
+	// now (1 until it has been full once).
+	SampledFraction float64 `json:"sampled_fraction"`
+	EValue          float64 `json:"e_value"`
+	Threshold       float64 `json:"threshold"`
+	// Mismatch says the e-value reached the threshold: the split of users
+	// is not what the configuration says, and the ramp holds.
+	Mismatch bool `json:"mismatch"`
+}
+
 // Status is a JSON-friendly snapshot of a ramp.
 type Status struct {
 	State State `json:"state"`
+	// DryRun says that the ramp is not enforced (see Config.DryRun): its
+	// state and percentage are what it would do.
+	DryRun bool `json:"dry_run,omitempty"`
+	// Enforced is the cap the proxy enforces for the ramp now.
+	Enforced Cap `json:"enforced"`
 	// Step indexes Steps (from 0).
 	Step          int       `json:"step"`
 	Steps         []float64 `json:"steps"`
@@ -589,6 +704,8 @@ type Status struct {
 	OnStep     Counts            `json:"on_step"`
 	Total      Counts            `json:"total"`
 	Guardrails []GuardrailStatus `json:"guardrails"`
+	// SampleRatio is the sample-ratio check.
+	SampleRatio SampleRatioStatus `json:"sample_ratio"`
 	// Reason explains the breach that rolled back or held the ramp.
 	Reason string `json:"reason,omitempty"`
 }
@@ -606,6 +723,16 @@ func (r *Ramp) Status() Status {
 		ChangedAt:     r.changedAt,
 		Reason:        r.reason,
 		Guardrails:    make([]GuardrailStatus, 0, len(r.guards)),
+		DryRun:        r.cfg.DryRun,
+		Enforced:      r.Cap(),
+	}
+	sr := &st.SampleRatio
+	sr.TreatmentUsers, sr.ControlUsers = r.ratio.Units()
+	sr.ExpectedTreatment = r.ratio.Expected()
+	sr.SampledFraction = r.users.Load().rate()
+	sr.EValue, sr.Threshold, sr.Mismatch = r.ratio.EValue(), r.ratio.Threshold(), r.ratio.Breached()
+	if q := math.Float64frombits(r.share.Load()); q >= 0 && q <= 1 {
+		sr.ExpectedShare = &q
 	}
 	var total [2]ArmCounts
 	for a := range r.arms {

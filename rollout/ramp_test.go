@@ -159,8 +159,8 @@ func TestRampPromotesAfterDurationAndMinRequests(t *testing.T) {
 	feed(r, Treatment, 100, false, 0)
 	now = now.Add(time.Minute)
 	wantEvent(t, r.Tick(now), EventCompleted, 100, 100)
-	if r.Percentage() != 100 || r.Killed() || r.State() != Completed {
-		t.Fatalf("after completion: percentage %v, killed %v, state %s", r.Percentage(), r.Killed(), r.State())
+	if r.Percentage() != 100 || r.Cap().Killed || r.State() != Completed {
+		t.Fatalf("after completion: percentage %v, killed %v, state %s", r.Percentage(), r.Cap().Killed, r.State())
 	}
 	feed(r, Treatment, 1000, true, 0)
 	wantNoEvent(t, r.Tick(now.Add(time.Hour)))
@@ -196,8 +196,8 @@ func TestRampBreachRollsBack(t *testing.T) {
 	if ev.Guardrail != "error_rate 2x" || ev.EValue < 20 {
 		t.Errorf("breach event %+v: want guardrail %q and an e-value of at least 20", ev, "error_rate 2x")
 	}
-	if r.Percentage() != 0 || !r.Killed() || r.State() != RolledBack {
-		t.Fatalf("after rollback: percentage %v, killed %v, state %s", r.Percentage(), r.Killed(), r.State())
+	if r.Percentage() != 0 || !r.Cap().Killed || r.State() != RolledBack {
+		t.Fatalf("after rollback: percentage %v, killed %v, state %s", r.Percentage(), r.Cap().Killed, r.State())
 	}
 	st := r.Status()
 	if !strings.Contains(st.Reason, "error_rate 2x") || len(st.Guardrails) != 1 || !st.Guardrails[0].Breached {
@@ -214,7 +214,7 @@ func TestRampBreachRollsBack(t *testing.T) {
 			t.Errorf("%s after rollback: error %v, want ErrInvalidTransition", name, err)
 		}
 	}
-	if r.Percentage() != 0 || !r.Killed() {
+	if r.Percentage() != 0 || !r.Cap().Killed {
 		t.Errorf("rollback undone by a refused operation")
 	}
 }
@@ -226,8 +226,8 @@ func TestRampBreachHolds(t *testing.T) {
 	breachingTraffic(r)
 	ev := r.Tick(t0.Add(2 * time.Minute))
 	wantEvent(t, ev, EventHeld, 50, 50)
-	if r.Percentage() != 50 || r.Killed() || r.State() != Held {
-		t.Fatalf("after hold: percentage %v, killed %v, state %s", r.Percentage(), r.Killed(), r.State())
+	if r.Percentage() != 50 || r.Cap().Killed || r.State() != Held {
+		t.Fatalf("after hold: percentage %v, killed %v, state %s", r.Percentage(), r.Cap().Killed, r.State())
 	}
 	// Held neither re-reports nor promotes.
 	feed(r, Treatment, 500, false, 0)
@@ -292,7 +292,7 @@ func TestRampBreachWhilePaused(t *testing.T) {
 	}
 	breachingTraffic(r)
 	wantEvent(t, r.Tick(t0.Add(time.Second)), EventRolledBack, 50, 0)
-	if !r.Killed() {
+	if !r.Cap().Killed {
 		t.Error("not killed after a breach while paused")
 	}
 }
@@ -346,8 +346,8 @@ func TestRampPromoteAndAbort(t *testing.T) {
 		if err := r.Abort(t0.Add(time.Second)); err != nil {
 			t.Fatalf("Abort from %s: %v", from, err)
 		}
-		if r.State() != Aborted || r.Percentage() != 0 || !r.Killed() {
-			t.Errorf("Abort from %s: state %s, percentage %v, killed %v", from, r.State(), r.Percentage(), r.Killed())
+		if r.State() != Aborted || r.Percentage() != 0 || !r.Cap().Killed {
+			t.Errorf("Abort from %s: state %s, percentage %v, killed %v", from, r.State(), r.Percentage(), r.Cap().Killed)
 		}
 		if err := r.Abort(t0.Add(time.Second)); !errors.Is(err, ErrInvalidTransition) {
 			t.Errorf("second Abort: %v, want ErrInvalidTransition", err)
@@ -402,8 +402,8 @@ func TestProgressRoundTrip(t *testing.T) {
 	if err := killed.Restore(Progress{State: RolledBack, Step: 0, StepStartedAt: t0, Reason: "error_rate 2x"}); err != nil {
 		t.Fatal(err)
 	}
-	if !killed.Killed() || killed.Percentage() != 0 {
-		t.Errorf("restored rolled-back ramp: killed %v, percentage %v", killed.Killed(), killed.Percentage())
+	if !killed.Cap().Killed || killed.Percentage() != 0 {
+		t.Errorf("restored rolled-back ramp: killed %v, percentage %v", killed.Cap().Killed, killed.Percentage())
 	}
 
 	// A running ramp resumes its step clock from the saved start time.
@@ -649,7 +649,7 @@ func TestRampConcurrentUse(t *testing.T) {
 			t.Fatal(err)
 		}
 		_ = r.Progress()
-		_ = r.Killed()
+		_ = r.Cap().Killed
 		if err := r.Pause(now); err == nil {
 			if err := r.Resume(now); err != nil {
 				t.Fatal(err)

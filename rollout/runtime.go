@@ -71,9 +71,13 @@ type Change struct {
 	// From and To are the percentages before and after, for promotions,
 	// completions and breaches.
 	From, To float64
-	// Guardrail and EValue name the breached guardrail.
+	// Guardrail and EValue name the breached guardrail (SampleRatioGuard
+	// for a sample-ratio mismatch).
 	Guardrail string
 	EValue    float64
+	// DryRun says the rollout is a dry run: the change is what it would
+	// have done, and nothing of it is enforced.
+	DryRun bool
 }
 
 // Hooks connect a Runtime to what surrounds it. Every field is optional.
@@ -113,6 +117,9 @@ type Record struct {
 	// attempt supersedes whatever an earlier one reached.
 	Attempt   uint64    `json:"attempt,omitempty"`
 	UpdatedAt time.Time `json:"updated_at"`
+	// DryRun says the progress is a dry run's, which an enforced rollout
+	// never carries on from: what a dry run reached was never enforced.
+	DryRun bool `json:"dry_run,omitempty"`
 }
 
 // Records is the progress document shared by the instances using one
@@ -167,6 +174,14 @@ func (r *Run) Observe(value string, failed bool, latency time.Duration) {
 	r.ramp.Load().Observe(ArmOf(value), failed, latency)
 }
 
+// ObserveUser reports the user behind a request served with the flag at value
+// (see ArmOf), whose answer was decided by the flag's conditions and hash,
+// for the sample-ratio check (see Ramp.ObserveUser). It is lock-free for
+// users outside the ramp's sample and does not allocate.
+func (r *Run) ObserveUser(id, value string, share float64) {
+	r.ramp.Load().ObserveUser(id, ArmOf(value), share)
+}
+
 // RunStatus is a run's state as an operator sees it.
 type RunStatus struct {
 	Status
@@ -195,7 +210,7 @@ func (r *Run) Status() RunStatus {
 // record is the run's progress as a record written at rev. Callers hold r.mu.
 func (r *Run) recordLocked(rev uint64, now time.Time) Record {
 	return Record{Fingerprint: r.fingerprint, Progress: r.ramp.Load().Progress(), KillOverride: r.killOverride,
-		Rev: rev, Attempt: r.attempt, UpdatedAt: now}
+		Rev: rev, Attempt: r.attempt, UpdatedAt: now, DryRun: r.cfg.DryRun}
 }
 
 // supersededBy reports whether a stored record replaces what the run is at.
@@ -249,7 +264,7 @@ func (r *Run) adoptLocked(rec Record, now time.Time) bool {
 func (r *Run) change(kind string) Change {
 	ramp := r.ramp.Load()
 	p := ramp.Progress()
-	return Change{Flag: r.flag, Kind: kind, State: p.State, Step: p.Step, Percentage: ramp.Percentage()}
+	return Change{Flag: r.flag, Kind: kind, State: p.State, Step: p.Step, Percentage: ramp.Percentage(), DryRun: ramp.DryRun()}
 }
 
 // Set is the rollouts of one configuration, by flag.
@@ -387,11 +402,12 @@ func (rt *Runtime) Start(ctx context.Context, set *Set, doc *storedoc.Doc[Record
 		run.mu.Lock()
 		if !run.restored {
 			run.restored = true
-			if rec, ok := stored.Value.Rollouts[flag]; ok && carry(run.ramp.Load(), rec.Progress, rec.Fingerprint == run.fingerprint) {
+			if rec, ok := stored.Value.Rollouts[flag]; ok && rec.DryRun == run.cfg.DryRun &&
+				carry(run.ramp.Load(), rec.Progress, rec.Fingerprint == run.fingerprint) {
 				run.rev, run.stamp, run.attempt, run.killOverride = rec.Rev, rec.UpdatedAt, rec.Attempt, rec.KillOverride
 			}
 		}
-		if old := previous.Run(flag); old != nil {
+		if old := previous.Run(flag); old != nil && old.cfg.DryRun == run.cfg.DryRun {
 			old.mu.Lock()
 			if carry(run.ramp.Load(), old.ramp.Load().Progress(), false) {
 				run.rev, run.stamp, run.attempt, run.killOverride = old.rev, old.stamp, old.attempt, old.killOverride
@@ -408,7 +424,8 @@ func (rt *Runtime) Start(ctx context.Context, set *Set, doc *storedoc.Doc[Record
 
 // carry restores progress p into ramp. The progress of a rollout that had
 // ended is only carried for the same configuration: a changed configuration
-// is a new attempt.
+// is a new attempt. (Callers never carry a dry run's progress into an
+// enforced rollout, nor the reverse.)
 func carry(ramp *Ramp, p Progress, sameConfig bool) bool {
 	if p.State.Ended() && !sameConfig {
 		return false
@@ -514,7 +531,9 @@ func (rt *Runtime) Tick(ctx context.Context, hooks Hooks) {
 			rt.enforce()
 			ch := run.change(ev.Kind)
 			ch.From, ch.To, ch.Guardrail, ch.EValue = ev.From, ev.To, ev.Guardrail, ev.EValue
-			if ev.Kind == EventRolledBack && rt.hooks.Kill != nil {
+			// The ramp's Cap says whether its state kills the flag (a dry
+			// run's never does), for the override as for the proxy.
+			if ev.Kind == EventRolledBack && run.ramp.Load().Cap().Killed && rt.hooks.Kill != nil {
 				// The kill is also an ordinary override: it holds when
 				// the rollout is removed from the configuration, and
 				// every instance sharing the storage obeys it.

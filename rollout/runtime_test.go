@@ -190,7 +190,7 @@ func TestAnActionAppliesToTheNewestSharedProgress(t *testing.T) {
 		t.Fatalf("promote after another instance's abort: %v, want an invalid transition", err)
 	}
 	a.want(Aborted, 0)
-	if !a.run().Ramp().Killed() {
+	if !a.run().Ramp().Cap().Killed {
 		t.Error("a does not keep the flag off after taking over the abort")
 	}
 }
@@ -452,7 +452,7 @@ func TestAnEndIsNeverUndoneByAPromotionMadeWithoutIt(t *testing.T) {
 	}
 	b.sync()
 	b.want(RolledBack, 0)
-	if !b.run().Ramp().Killed() {
+	if !b.run().Ramp().Cap().Killed {
 		t.Error("b lets the flag through again")
 	}
 }
