@@ -258,7 +258,11 @@ func TestPollerRefusesAnswersWithoutUsableDefinitions(t *testing.T) {
 	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
 	defer srv.Close()
 	rec := &recorder{}
-	p := &Poller{Client: newClient(srv), Handlers: rec.handlers(), Validator: rec.validator}
+	client := newClient(srv)
+	// Reading 32 MiB under the race detector can take longer than the
+	// other tests' one second.
+	client.Timeout = time.Minute
+	p := &Poller{Client: client, Handlers: rec.handlers(), Validator: rec.validator}
 	ctx := context.Background()
 	if o, err := p.Refresh(ctx); err != nil || o != Modified {
 		t.Fatalf("first refresh: %v %v", o, err)
