@@ -116,9 +116,10 @@ func validateConfig(out io.Writer, path, adapter string, fetch func(context.Cont
 var errInvalidDefinitions = errors.New("flag definitions have errors")
 
 func validateDefinitions(out io.Writer, path string) error {
-	data, err := os.ReadFile(path)
+	data, err := readDefinitionsFile(path)
 	if err != nil {
-		return err
+		fmt.Fprintf(out, "%s: %v\n", path, err)
+		return errInvalidDefinitions
 	}
 	if err := checkDocument(data); err != nil {
 		fmt.Fprintf(out, "%s: %v\n", path, err)
@@ -215,9 +216,9 @@ func validateDefinitions(out io.Writer, path string) error {
 // readDefinitions reads a definitions file for a command, parsed as flagsplit
 // would parse it as its definitions file: a malformed flag refuses it.
 func readDefinitions(path string) (*eval.Definitions, error) {
-	data, err := os.ReadFile(path)
+	data, err := readDefinitionsFile(path)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	defs, _, err := sourceCLI.parse(data)
 	if err != nil {

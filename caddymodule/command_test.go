@@ -223,3 +223,77 @@ func TestValidateConfigAsksPostHog(t *testing.T) {
 		t.Errorf("requests to PostHog: %+v", got)
 	}
 }
+
+// validate marks flags on a dependency cycle, and the flags depending on
+// them, as never evaluated locally, with the cycle's path; eval answers
+// dependency_cycle for them.
+func TestValidateReportsDependencyCycles(t *testing.T) {
+	dep := func(key, on string) string {
+		return fmt.Sprintf(`{"key": %q, "active": true, "filters": {"groups": [{"properties": [
+			{"key": %q, "type": "flag", "operator": "flag_evaluates_to", "value": true, "dependency_chain": [%q]}], "rollout_percentage": 100}]}}`, key, on, on)
+	}
+	path := filepath.Join(t.TempDir(), "cycle.json")
+	doc := `{"flags": [` + strings.Join([]string{dep("a", "b"), dep("b", "a"), dep("uses-a", "a"), dep("uses-missing", "gone"),
+		`{"key": "plain", "active": true, "filters": {"groups": [{"rollout_percentage": 100}]}}`}, ",") + `]}`
+	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := validateDefinitions(&out, path); err != nil {
+		t.Fatalf("validate: %v\n%s", err, out.String())
+	}
+	report := out.String()
+	rows := map[string]string{}
+	for _, line := range strings.Split(report, "\n") {
+		if f := strings.Fields(line); len(f) >= 5 && f[1] == "active" {
+			rows[f[0]] = f[len(f)-1]
+		}
+	}
+	for key, want := range map[string]string{"a": "never", "b": "never", "uses-a": "never", "uses-missing": "never", "plain": "yes"} {
+		if rows[key] != want {
+			t.Errorf("LOCAL of %s is %q, want %q:\n%s", key, rows[key], want, report)
+		}
+	}
+	for _, want := range []string{
+		"  a: every condition starts with a filter that is part of a circular flag dependency: a -> b -> a",
+		"  b: every condition starts with a filter that is part of a circular flag dependency: b -> a -> b",
+		`  uses-a: every condition starts with a filter that depends on flag "a", which can never be evaluated locally`,
+		`  uses-missing: every condition starts with a filter that depends on flag "gone", which is not defined`,
+		`warning: $.flags[0].filters.groups[0].properties[0] (flag "a"): flag dependency cycle a -> b -> a`,
+	} {
+		if !strings.Contains(report, want) {
+			t.Errorf("report lacks %q:\n%s", want, report)
+		}
+	}
+
+	for _, key := range []string{"a", "uses-a"} {
+		out.Reset()
+		if err := runEval(&out, evalOptions{definitions: path, distinctID: "u", flags: []string{key}}); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(out.String(), `"reason": "dependency_cycle"`) {
+			t.Errorf("eval %s:\n%s", key, out.String())
+		}
+	}
+}
+
+// validate refuses a document without a list of flags, and one over a
+// limit, naming what is wrong.
+func TestValidateRefusesDocumentsWithoutFlags(t *testing.T) {
+	dir := t.TempDir()
+	for doc, want := range map[string]string{
+		`{"flags": null}`: `"flags" is null, not a list`,
+		`{"flags": {}}`:   `"flags" is an object, not a list`,
+		`{}`:              `no "flags"`,
+		`{"flags": [], "x": ` + strings.Repeat("[", eval.MaxDepth) + strings.Repeat("]", eval.MaxDepth) + `}`: fmt.Sprintf("deeper than the limit of %d levels", eval.MaxDepth),
+	} {
+		path := filepath.Join(dir, "flags.json")
+		if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var out bytes.Buffer
+		if err := validateDefinitions(&out, path); !errors.Is(err, errInvalidDefinitions) || !strings.Contains(out.String(), want) {
+			t.Errorf("%.40s: err %v, report %q, want it to say %q", doc, err, out.String(), want)
+		}
+	}
+}

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -140,9 +139,9 @@ func (rep *configReport) loadDefinitions(app *App, dir string, fetch func(contex
 	if file == "" {
 		return nil, errors.New("the config has no definitions source: no definitions file and no posthog block in the feature_flags global option")
 	}
-	data, err := os.ReadFile(file)
+	data, err := readDefinitionsFile(file)
 	if err != nil {
-		return nil, fmt.Errorf("flag definitions: %w", err)
+		return nil, err
 	}
 	rep.source = "definitions " + app.Definitions
 	return data, nil

@@ -2,9 +2,13 @@ package caddymodule
 
 import (
 	"fmt"
+	"io"
+	"math"
 	"os"
 	"sync"
 	"time"
+
+	"github.com/flagsplit/flagsplit/eval"
 )
 
 // fileSource is the definitions file: read at provision, then watched. Each
@@ -63,16 +67,38 @@ func (f *fileSource) loadLocked(e *engine) (installResult, error) {
 		e.failed(fmt.Sprintf("flag definitions: %v", err))
 		return installResult{}, fmt.Errorf("flag definitions: %w", err)
 	}
-	data, err := os.ReadFile(f.path)
-	if err != nil {
-		e.failed(fmt.Sprintf("flag definitions: %v", err))
-		return installResult{}, fmt.Errorf("flag definitions: %w", err)
-	}
 	// Remembered whatever the outcome: a broken version is reported once.
 	f.seen = fileStamp{size: info.Size(), modTime: info.ModTime()}
+	data, err := readDefinitionsFile(f.path)
+	if err != nil {
+		e.failed(fmt.Sprintf("%s: %v", f.path, err))
+		return installResult{}, fmt.Errorf("%s: %w", f.path, err)
+	}
 	res, err := e.install(definitionsSource{kind: f.kind, location: f.path}, data)
 	if err != nil {
 		return res, fmt.Errorf("%s: %w", f.path, err)
 	}
 	return res, nil
+}
+
+// readDefinitionsFile reads a definitions file, refusing one over
+// eval.MaxDocumentSize without reading it (a file that grows while it is
+// read is cut at the limit, and refused too).
+func readDefinitionsFile(path string) ([]byte, error) {
+	file, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("flag definitions: %w", err)
+	}
+	defer file.Close()
+	if info, err := file.Stat(); err == nil && info.Size() > eval.MaxDocumentSize {
+		return nil, &eval.LimitError{Limit: "size", Max: eval.MaxDocumentSize, Got: int(min(info.Size(), math.MaxInt32)), Offset: -1}
+	}
+	data, err := io.ReadAll(io.LimitReader(file, eval.MaxDocumentSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("flag definitions: %w", err)
+	}
+	if len(data) > eval.MaxDocumentSize {
+		return nil, &eval.LimitError{Limit: "size", Max: eval.MaxDocumentSize, Got: len(data), Offset: -1}
+	}
+	return data, nil
 }

@@ -103,7 +103,9 @@ func (a *App) startPostHog(ctx context.Context) {
 				zap.Int("status", status), zap.String("detail", detail))
 		},
 		Failure: func(err error, consecutive int, retryIn time.Duration) {
-			e.failed(err.Error())
+			if !errors.As(err, new(refusedDocument)) {
+				e.failed(err.Error()) // install recorded and counted a refused document
+			}
 			a.definitionsFailed(sourcePostHog, err)
 			a.logger.Warn("fetching flag definitions failed; the last good definitions keep serving",
 				zap.Error(err), zap.Int("consecutive_failures", consecutive), zap.Duration("retry_in", retryIn))
@@ -122,7 +124,7 @@ func (a *App) startPostHog(ctx context.Context) {
 func (a *App) acceptDefinitions(ctx context.Context, body []byte, etag string) error {
 	res, err := a.engine.install(definitionsSource{kind: sourcePostHog, location: a.PostHog.Host, etag: etag}, body)
 	if err != nil {
-		return fmt.Errorf("PostHog sent definitions that do not parse: %w", err)
+		return refusedDocument{fmt.Errorf("PostHog sent definitions that do not parse: %w", err)}
 	}
 	if !res.changed {
 		return nil
@@ -137,6 +139,13 @@ func (a *App) acceptDefinitions(ctx context.Context, body []byte, etag string) e
 	}
 	return nil
 }
+
+// refusedDocument is an answer engine.install refused, which it recorded as
+// the source's error and counted already.
+type refusedDocument struct{ err error }
+
+func (r refusedDocument) Error() string { return r.err.Error() }
+func (r refusedDocument) Unwrap() error { return r.err }
 
 // emptyDefinitions is the document that a 402 puts in force.
 var emptyDefinitions = []byte(`{"flags": []}`)

@@ -28,12 +28,16 @@ type cohortEntry struct {
 	filter *filter
 }
 
-// maxCohortDepth bounds nested property groups.
+// maxCohortDepth bounds nested property groups, counting a cohort that
+// refers to another as a level too, so that neither compiling nor evaluating
+// a long chain of cohorts recurses without bound. A cohort is compiled once,
+// at the depth where it is first reached.
 const maxCohortDepth = 32
 
 func (c *compiler) compileGroup(n *cohortNode, raw json.RawMessage, path string, depth int) {
 	if depth > maxCohortDepth {
 		n.invalid, n.requiresServer = true, true
+		c.warn(path, "", "property groups and cohort references nest deeper than %d levels; only PostHog's server can evaluate this", maxCohortDepth)
 		return
 	}
 	var obj rawObject
@@ -75,7 +79,7 @@ func (c *compiler) compileGroup(n *cohortNode, raw json.RawMessage, path string,
 			continue
 		}
 		broken := false
-		flt, ok := c.compileFilterObject(entry, ep, nil, func(string, string, ...any) { broken = true })
+		flt, ok := c.compileFilterObject(entry, ep, nil, func(string, string, ...any) { broken = true }, depth+1)
 		if !ok || broken {
 			n.invalid, n.requiresServer = true, true
 			return

@@ -15,7 +15,14 @@ type compiler struct {
 	cohortRaw map[string]json.RawMessage
 	cohorts   map[string]*cohortNode
 	// depFilters are resolved once every flag is known.
-	depFilters []*filter
+	depFilters []depFilter
+}
+
+// depFilter is a dependency filter and the key of the flag it is in ("" in
+// a cohort).
+type depFilter struct {
+	filter *filter
+	flag   string
 }
 
 func (c *compiler) problem(path, flag, format string, args ...any) {
@@ -351,12 +358,13 @@ func (fc *flagCompiler) compileFilter(raw json.RawMessage, path string) (*filter
 		fc.fail(path, "property filter is not an object")
 		return nil, false
 	}
-	return fc.c.compileFilterObject(obj, path, fc.f, fc.fail)
+	return fc.c.compileFilterObject(obj, path, fc.f, fc.fail, 0)
 }
 
 // compileFilterObject is shared by flag conditions and cohorts. fail reports a
-// structural problem; flag is the flag being compiled (nil inside cohorts).
-func (c *compiler) compileFilterObject(obj rawObject, path string, flag *Flag, fail func(path, format string, args ...any)) (*filter, bool) {
+// structural problem; flag is the flag being compiled (nil inside cohorts);
+// depth is the nesting of property groups and cohorts around the filter.
+func (c *compiler) compileFilterObject(obj rawObject, path string, flag *Flag, fail func(path, format string, args ...any), depth int) (*filter, bool) {
 	flagKey := ""
 	if flag != nil {
 		flagKey = flag.Key
@@ -413,7 +421,7 @@ func (c *compiler) compileFilterObject(obj rawObject, path string, flag *Flag, f
 		if flt.value.Kind() == KindString {
 			flt.cohortID = flt.value.text
 		}
-		flt.cohort = c.cohort(flt.cohortID, flagKey, path, 0)
+		flt.cohort = c.cohort(flt.cohortID, flagKey, path, depth)
 		return flt, true
 	case "flag":
 		flt.kind = filterFlag

@@ -214,6 +214,44 @@ func (f *Flag) forEachFilter(fn func(*filter)) {
 	}
 }
 
+// CheckDocument checks what makes a whole definitions document unusable, in
+// one pass over its bytes and one decoding of its top level: over a limit (a
+// *LimitError: MaxDocumentSize, MaxDepth, MaxFlags), not JSON, not an object,
+// or without a list of flags. A missing, null or non-list "flags" is an
+// answer that lost its flags on the way, not a project without any, which is
+// {"flags": []}: taking it for one would turn every flag off. Parse makes the
+// same checks; this is for callers that must refuse a document before
+// handing it on.
+func CheckDocument(data []byte) error {
+	_, _, err := readDocument(data)
+	return err
+}
+
+func readDocument(data []byte) (rawObject, []json.RawMessage, error) {
+	if err := checkLimits(data); err != nil {
+		return nil, nil, err
+	}
+	var top rawObject
+	if err := json.Unmarshal(data, &top); err != nil {
+		return nil, nil, fmt.Errorf("flag definitions: not a JSON object: %w", err)
+	}
+	if top == nil {
+		return nil, nil, fmt.Errorf("flag definitions: document is null")
+	}
+	raw, ok := top["flags"]
+	if !ok {
+		return nil, nil, fmt.Errorf(`flag definitions: no "flags" list (a project without flags is {"flags": []})`)
+	}
+	var rawFlags []json.RawMessage
+	if isNull(raw) || json.Unmarshal(raw, &rawFlags) != nil {
+		return nil, nil, fmt.Errorf(`flag definitions: "flags" is %s, not a list (a project without flags is {"flags": []})`, flagsKind(raw))
+	}
+	if len(rawFlags) > MaxFlags {
+		return nil, nil, &LimitError{Limit: "flags", Max: MaxFlags, Got: len(rawFlags), Offset: -1}
+	}
+	return top, rawFlags, nil
+}
+
 // rawObject is a JSON object whose members are decoded on demand, so a malformed
 // member is reported by path instead of failing the whole document.
 type rawObject map[string]json.RawMessage
@@ -222,22 +260,12 @@ func isNull(raw json.RawMessage) bool {
 	return len(raw) == 0 || string(raw) == "null"
 }
 
-// Parse compiles a flag-definitions document. It fails only when the document is
-// not a JSON object or its "flags" member is not a list; anything smaller is
-// reported in Problems and the rest stays usable.
+// Parse compiles a flag-definitions document. It fails when CheckDocument
+// does; anything smaller is reported in Problems and the rest stays usable.
 func Parse(data []byte) (*Definitions, error) {
-	var top rawObject
-	if err := json.Unmarshal(data, &top); err != nil {
-		return nil, fmt.Errorf("flag definitions: not a JSON object: %w", err)
-	}
-	if top == nil {
-		return nil, fmt.Errorf("flag definitions: document is null")
-	}
-	var rawFlags []json.RawMessage
-	if !isNull(top["flags"]) {
-		if err := json.Unmarshal(top["flags"], &rawFlags); err != nil {
-			return nil, fmt.Errorf("flag definitions: $.flags is not a list: %w", err)
-		}
+	top, rawFlags, err := readDocument(data)
+	if err != nil {
+		return nil, err
 	}
 	c := &compiler{
 		defs: &Definitions{
@@ -260,8 +288,7 @@ func Parse(data []byte) (*Definitions, error) {
 		c.parseFlag(i, raw)
 	}
 	c.resolveDependencies()
-	c.markClockUse()
-	c.markDependencyCycles()
+	c.analyseDependencies()
 	for _, f := range c.defs.flags {
 		f.cost = f.estimateCost()
 	}

@@ -2,7 +2,9 @@ package eval
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,9 +27,74 @@ func TestParseRejectsOnlyWhatItCannotRead(t *testing.T) {
 			t.Errorf("Parse(%q) succeeded", doc)
 		}
 	}
-	d := mustParse(t, `{"flags": null, "unknown": {"x": 1}}`)
+	d := mustParse(t, `{"flags": [], "unknown": {"x": 1}}`)
 	if d.Len() != 0 || len(d.Problems()) != 0 {
 		t.Errorf("empty document: %d flags, problems %v", d.Len(), d.Problems())
+	}
+}
+
+// An answer without a list of flags lost them on the way (a proxy, a cut
+// body, another endpoint): taking it as a project without flags would turn
+// every flag off. Only an explicit empty list means that.
+func TestParseRefusesADocumentWithoutAListOfFlags(t *testing.T) {
+	for doc, want := range map[string]string{
+		`{}`:                     `no "flags" list`,
+		`{"cohorts": {}}`:        `no "flags" list`,
+		`{"flags": null}`:        `"flags" is null, not a list`,
+		`{"flags": {}}`:          `"flags" is an object, not a list`,
+		`{"flags": {"a": 1}}`:    `"flags" is an object, not a list`,
+		`{"flags": "[]"}`:        `"flags" is a string, not a list`,
+		`{"flags": 0}`:           `"flags" is a number, not a list`,
+		`{"flags": false}`:       `"flags" is a boolean, not a list`,
+		`{"flags": [], "x": 1} `: "",
+	} {
+		d, err := Parse([]byte(doc))
+		switch {
+		case want == "" && (err != nil || d.Len() != 0):
+			t.Errorf("Parse(%s): %v", doc, err)
+		case want != "" && (err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), `{"flags": []}`)):
+			t.Errorf("Parse(%s): error %v, want one saying %s and naming the empty list", doc, err, want)
+		}
+	}
+}
+
+// Documents over a limit are refused with a *LimitError naming it, before
+// anything is decoded.
+func TestParseLimits(t *testing.T) {
+	nested := func(depth int) string {
+		return `{"flags": [], "cohorts": {"1": ` + strings.Repeat(`{"type":"AND","values":[`, depth) + `{}` + strings.Repeat(`]}`, depth) + `}}`
+	}
+	manyFlags := func(n int) string {
+		return `{"flags": [` + strings.TrimSuffix(strings.Repeat(`{"key":"k"},`, n), ",") + `]}`
+	}
+	big := `{"flags": [], "pad": "` + strings.Repeat("x", MaxDocumentSize) + `"}`
+	cases := []struct {
+		name, doc string
+		limit     string
+	}{
+		// {"flags": [], "cohorts": {"1": ...}} nests 2 + 2 per group + 1.
+		{"nesting at the limit", `{"flags": [], "x": ` + strings.Repeat("[", MaxDepth-1) + strings.Repeat("]", MaxDepth-1) + `}`, ""},
+		{"nesting one over the limit", `{"flags": [], "x": ` + strings.Repeat("[", MaxDepth) + strings.Repeat("]", MaxDepth) + `}`, "depth"},
+		{"nested property groups under the limit", nested((MaxDepth - 3) / 2), ""},
+		{"nesting over the limit", nested(MaxDepth), "depth"},
+		{"nesting far over the limit", nested(100_000), "depth"},
+		{"brackets inside strings do not nest", `{"flags": [{"key": "` + strings.Repeat(`[{`, 10_000) + `"}]}`, ""},
+		{"escaped quotes stay inside strings", `{"flags": [{"key": "\"` + strings.Repeat(`[`, 100) + `"}]}`, ""},
+		{"flags at the limit", manyFlags(MaxFlags), ""},
+		{"flags over the limit", manyFlags(MaxFlags + 1), "flags"},
+		{"size over the limit", big, "size"},
+	}
+	for _, tc := range cases {
+		_, err := Parse([]byte(tc.doc))
+		var le *LimitError
+		switch {
+		case tc.limit == "" && errors.As(err, &le):
+			t.Errorf("%s: refused: %v", tc.name, err)
+		case tc.limit != "" && (!errors.As(err, &le) || le.Limit != tc.limit):
+			t.Errorf("%s: error %v, want the %s limit", tc.name, err, tc.limit)
+		case tc.limit != "" && !strings.Contains(err.Error(), "limit of "+strconv.Itoa(le.Max)):
+			t.Errorf("%s: %q does not name the limit", tc.name, err)
+		}
 	}
 }
 

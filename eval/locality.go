@@ -1,5 +1,7 @@
 package eval
 
+import "strconv"
+
 // BacktrackingRegexes returns the patterns of the flag's regex and not_regex
 // filters, its own and those of the cohorts it uses, that the backtracking
 // engine evaluates because RE2 cannot (look-arounds, back-references,
@@ -30,13 +32,31 @@ func (f *Flag) BacktrackingRegexes() []string {
 // NeverLocal returns why the flag can never be decided locally, or "" when some
 // input can decide it: experience continuity, a malformed definition, an unknown
 // group type, a first condition that needs PostHog's server (a static cohort),
-// or conditions that all start with a filter local evaluation cannot decide.
+// or conditions that all start with a filter local evaluation cannot decide,
+// such as a dependency on a flag that is not defined, one on a dependency
+// cycle (with the cycle's path), or one on a flag that can never be decided
+// itself. Overrides are not taken into account.
 func (f *Flag) NeverLocal() string {
+	if f.ExperienceContinuity && f.broken == "" {
+		return "experience continuity needs PostHog's server"
+	}
+	return f.undecided()
+}
+
+// undecidedAsDependency is why the flag is inconclusive whenever another flag
+// depends on it, or "": as NeverLocal, except that a disabled flag answers
+// false and experience continuity does not apply to dependencies.
+func (f *Flag) undecidedAsDependency() string {
+	if !f.Active && f.broken == "" {
+		return ""
+	}
+	return f.undecided()
+}
+
+func (f *Flag) undecided() string {
 	switch {
 	case f.broken != "":
 		return "malformed definition: " + f.broken
-	case f.ExperienceContinuity:
-		return "experience continuity needs PostHog's server"
 	case f.group != nil && f.group.name == "":
 		return "its group type index " + f.group.index + " is not in group_type_mapping"
 	case len(f.conditions) == 0:
@@ -82,12 +102,11 @@ func (flt *filter) alwaysUndecided() (server bool, why string) {
 		case flt.depChainMissing:
 			return false, "depends on a flag without a dependency chain"
 		case len(flt.depChain) == 0:
-			return false, "is part of a circular flag dependency"
-		}
-		for _, dep := range flt.depChain {
-			if dep < 0 {
-				return false, "depends on a flag that is not defined"
-			}
+			return false, "is part of a circular flag dependency (PostHog sent an empty dependency_chain for flag " + strconv.Quote(flt.key) + ")"
+		case flt.depCycle:
+			return false, "is part of a circular flag dependency: " + flt.depCyclePath
+		case flt.depUndecided != "":
+			return false, flt.depUndecided
 		}
 	default:
 		switch {

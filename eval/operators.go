@@ -131,6 +131,10 @@ type filter struct {
 	depChain        []int // flag indices; -1 for a flag the definitions lack
 	depTarget       int   // index of the flag compared, -1 when undefined
 	depCycle        bool  // the dependency leads back to the flag evaluating it
+	depCyclePath    string
+	// depUndecided says why the filter can never be decided: a flag it
+	// evaluates is not defined or can never be decided itself.
+	depUndecided string
 }
 
 // usesClock reports whether the filter's answer can depend on the wall clock:

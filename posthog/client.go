@@ -9,6 +9,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/flagsplit/flagsplit/eval"
 )
 
 // DefaultHost is PostHog Cloud US.
@@ -17,9 +19,10 @@ const DefaultHost = "https://us.i.posthog.com"
 // DefaultTimeout bounds each definitions request (posthog-python uses 10 s).
 const DefaultTimeout = 10 * time.Second
 
-// MaxDefinitionsSize bounds a definitions response; PostHog projects with
-// thousands of flags stay far below it.
-const MaxDefinitionsSize = 64 << 20
+// MaxDefinitionsSize bounds a definitions response: the limit every
+// definitions document is held to (eval.MaxDocumentSize). A longer answer is
+// not read past the limit, and is an error.
+const MaxDefinitionsSize = eval.MaxDocumentSize
 
 // Client fetches flag definitions.
 type Client struct {
@@ -91,6 +94,21 @@ func (e *StatusError) Error() string {
 	return fmt.Sprintf("PostHog answered %d %s: %s", e.StatusCode, http.StatusText(e.StatusCode), e.Body)
 }
 
+// DocumentError is a 200 whose body is not a usable definitions document:
+// not JSON, no list of flags (`{}`, `{"flags": null}`), or over one of eval's
+// limits (then Err is an *eval.LimitError). Worth retrying later; the last
+// good definitions stay.
+type DocumentError struct {
+	StatusCode int
+	Err        error
+}
+
+func (e *DocumentError) Error() string {
+	return fmt.Sprintf("PostHog answered %d with unusable definitions: %v", e.StatusCode, e.Err)
+}
+
+func (e *DocumentError) Unwrap() error { return e.Err }
+
 // DefinitionsURL is the endpoint the client polls.
 func (c *Client) DefinitionsURL() (string, error) {
 	host := strings.TrimRight(strings.TrimSpace(c.Host), "/")
@@ -108,8 +126,8 @@ func (c *Client) DefinitionsURL() (string, error) {
 }
 
 // FetchDefinitions asks for the definitions, sending etag as If-None-Match.
-// It returns an error for transport failures, timeouts and answers to retry
-// (*StatusError).
+// It returns an error for transport failures, timeouts, answers to retry
+// (*StatusError) and 200s that carry no usable definitions (*DocumentError).
 func (c *Client) FetchDefinitions(ctx context.Context, etag string) (Response, error) {
 	if c.ProjectAPIKey == "" || c.PersonalAPIKey == "" {
 		return Response{}, errors.New("posthog: project_api_key and personal_api_key are required")
@@ -152,8 +170,10 @@ func (c *Client) FetchDefinitions(ctx context.Context, etag string) (Response, e
 	out := Response{StatusCode: resp.StatusCode, ETag: resp.Header.Get("ETag")}
 	switch {
 	case resp.StatusCode == http.StatusOK:
-		if len(body) > MaxDefinitionsSize {
-			return Response{}, fmt.Errorf("posthog: definitions larger than %d bytes", MaxDefinitionsSize)
+		// An answer without a list of flags, or over a limit, is refused
+		// here, so that no consumer can take it for a project without flags.
+		if err := eval.CheckDocument(body); err != nil {
+			return Response{}, &DocumentError{StatusCode: resp.StatusCode, Err: err}
 		}
 		out.Outcome, out.Body = Modified, body
 	case resp.StatusCode == http.StatusNotModified:

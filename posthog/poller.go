@@ -32,7 +32,10 @@ type Handlers struct {
 	// definitions should keep serving.
 	Unauthorized func(status int, detail string)
 	// Failure is called for every failed attempt with the number of
-	// consecutive failures and the delay before the next one.
+	// consecutive failures and the delay before the next one: transport
+	// errors, answers to retry (*StatusError), 200s without usable
+	// definitions (*DocumentError: no list of flags, over a limit), which
+	// never reach Definitions, and errors Definitions returned.
 	Failure func(err error, consecutive int, retryIn time.Duration)
 }
 

@@ -3,12 +3,14 @@ package posthog
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/flagsplit/flagsplit/eval"
 	"github.com/flagsplit/flagsplit/posthog/posthogtest"
 )
 
@@ -245,5 +247,62 @@ func TestPollerOutcomes(t *testing.T) {
 	rec.mu.Unlock()
 	if o, err := p.Refresh(ctx); err != nil || o != Modified || rec.validator() != srv.ETag() {
 		t.Errorf("after rejection: %v %v", o, err)
+	}
+}
+
+// A 200 that carries no list of flags, or is over a limit, is a failed
+// attempt: it never reaches Definitions, the validator of the last good
+// definitions stays (so the next poll asks again), and the poller backs off.
+// An explicit empty list is a project without flags, and is taken.
+func TestPollerRefusesAnswersWithoutUsableDefinitions(t *testing.T) {
+	srv := posthogtest.New(projectKey, personalKey, []byte(defsV1))
+	defer srv.Close()
+	rec := &recorder{}
+	client := newClient(srv)
+	// Reading 32 MiB under the race detector can take longer than the
+	// other tests' one second.
+	client.Timeout = time.Minute
+	p := &Poller{Client: client, Handlers: rec.handlers(), Validator: rec.validator}
+	ctx := context.Background()
+	if o, err := p.Refresh(ctx); err != nil || o != Modified {
+		t.Fatalf("first refresh: %v %v", o, err)
+	}
+	good := rec.validator()
+
+	deep := `{"flags": [], "cohorts": {"1": ` + strings.Repeat(`{"type":"AND","values":[`, eval.MaxDepth) + `{}` + strings.Repeat(`]}`, eval.MaxDepth) + `}}`
+	huge := `{"flags": [], "pad": "` + strings.Repeat("x", eval.MaxDocumentSize) + `"}`
+	for _, tc := range []struct{ name, body, want, limit string }{
+		{"an empty object", `{}`, `no "flags" list`, ""},
+		{"null flags", `{"flags": null}`, `"flags" is null`, ""},
+		{"flags as an object", `{"flags": {}}`, `"flags" is an object`, ""},
+		{"flags as a string", `{"flags": "[]", "group_type_mapping": {}}`, `"flags" is a string`, ""},
+		{"not JSON", `<html>gateway</html>`, "not a JSON object", ""},
+		{"nested too deeply", deep, fmt.Sprintf("limit of %d levels", eval.MaxDepth), "depth"},
+		{"too large", huge, fmt.Sprintf("limit of %d bytes", eval.MaxDocumentSize), "size"},
+	} {
+		srv.SetDefinitions([]byte(tc.body))
+		failures := len(rec.snapshot().failures)
+		_, err := p.Refresh(ctx)
+		var de *DocumentError
+		if !errors.As(err, &de) || de.StatusCode != http.StatusOK || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: error %v, want a DocumentError saying %q", tc.name, err, tc.want)
+		}
+		var le *eval.LimitError
+		if tc.limit != "" && (!errors.As(err, &le) || le.Limit != tc.limit) {
+			t.Errorf("%s: error %v, want the %s limit", tc.name, err, tc.limit)
+		}
+		snap := rec.snapshot()
+		if len(snap.bodies) != 1 || len(snap.failures) != failures+1 || rec.validator() != good {
+			t.Errorf("%s: handed over %d bodies, %d new failures, validator %q (want %q)",
+				tc.name, len(snap.bodies)-1, len(snap.failures)-failures, rec.validator(), good)
+		}
+	}
+
+	srv.SetDefinitions([]byte(`{"flags": [], "group_type_mapping": {}, "cohorts": {}}`))
+	if o, err := p.Refresh(ctx); err != nil || o != Modified {
+		t.Fatalf("an empty list of flags: %v %v", o, err)
+	}
+	if b := rec.snapshot().bodies; len(b) != 2 || b[1] != `{"flags": [], "group_type_mapping": {}, "cohorts": {}}` || rec.validator() != srv.ETag() {
+		t.Errorf("an empty list of flags was not taken: %q, validator %q", b, rec.validator())
 	}
 }
