@@ -150,16 +150,20 @@ func (t *Test) Fold(treatmentShare float64, treatmentEvents, controlEvents uint6
 }
 
 // logEValue is log(Σ_k w·M_k), computed by log-sum-exp.
-func (t *Test) logEValue() float64 {
+func (t *Test) logEValue() float64 { return logSumExp(t.logM[:]) + logWeight }
+
+// logSumExp is log(Σ exp(l)), shifted by the largest term so that no term
+// overflows or underflows on its own.
+func logSumExp(ls []float64) float64 {
 	hi := math.Inf(-1)
-	for _, l := range t.logM {
+	for _, l := range ls {
 		hi = max(hi, l)
 	}
 	var sum float64
-	for _, l := range t.logM {
+	for _, l := range ls {
 		sum += math.Exp(l - hi)
 	}
-	return hi + math.Log(sum) + logWeight
+	return hi + math.Log(sum)
 }
 
 // EValue returns the current e-value: 1 before any event, growing as the

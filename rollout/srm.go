@@ -82,17 +82,7 @@ func (t *RatioTest) Fold(q float64, treatmentUnits, controlUnits uint64) {
 	}
 }
 
-func (t *RatioTest) logEValue() float64 {
-	hi := math.Inf(-1)
-	for _, l := range t.logM {
-		hi = max(hi, l)
-	}
-	var sum float64
-	for _, l := range t.logM {
-		sum += math.Exp(l - hi)
-	}
-	return hi + math.Log(sum) + srmLogWeight
-}
+func (t *RatioTest) logEValue() float64 { return logSumExp(t.logM[:]) + srmLogWeight }
 
 // EValue returns the current e-value (1 before any trial), saturating at
 // math.MaxFloat64.
